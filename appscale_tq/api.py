@@ -1,0 +1,145 @@
+"""The task queue's operations, shared by the JSON API and the App Engine protocol.
+
+Composes the store and the broker through their interfaces: a task is acknowledged only once
+its name is reserved and the broker confirmed the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from appscale_tq.config import NodeConfig
+from appscale_tq.errors import TaskQueueError, Unavailable
+from appscale_tq.names import check_queue_name, new_token
+from appscale_tq.tasks import Limits, Task, rfc3339, task_from_request
+
+log = Logger()
+
+MAX_BATCH = 100
+
+
+class TaskQueue:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        config: NodeConfig,
+        store: Any,
+        broker: Any,
+        token: Callable[[], str] = new_token,
+    ) -> None:
+        self._clock = clock
+        self._config = config
+        self._store = store
+        self._broker = broker
+        self._token = token
+        self._limits = Limits(max_task_bytes=config.max_task_bytes)
+
+    # --- names ---------------------------------------------------------------------------------
+    def check_queue(self, app: str, queue: str) -> None:
+        if app not in self._config.apps:
+            raise TaskQueueError("UNKNOWN_QUEUE", f"app: {app!r} is not served by this node")
+        check_queue_name(queue)
+        if queue not in self.queues(app):
+            raise TaskQueueError("UNKNOWN_QUEUE", f"queue: {queue!r} is not defined for {app!r}")
+
+    def queues(self, app: str) -> Sequence[str]:
+        return ("default",)
+
+    # --- enqueue -------------------------------------------------------------------------------
+    def parse(self, app: str, queue: str, body: object) -> Task:
+        task, _ = task_from_request(
+            app, queue, body, self._clock.seconds(), self._limits, self._token
+        )
+        return task
+
+    async def add(self, task: Task) -> Task:
+        await self._store.reserve(task)
+        try:
+            await self._broker.publish(task, task.eta - self._clock.seconds())
+        except Unavailable:
+            try:
+                await self._store.release(task)
+            except Unavailable:
+                pass  # the reservation expires by itself
+            raise
+        try:
+            await self._store.confirm(task)
+        except Unavailable as e:
+            # the task is safe in the broker; its record just expires sooner than it should
+            log.warn("enqueued {name} but could not keep its record: {error}",
+                     name=task.name, error=str(e))
+        return task
+
+    async def add_json(self, app: str, queue: str, body: object) -> Task:
+        self.check_queue(app, queue)
+        return await self.add(self.parse(app, queue, body))
+
+    async def add_batch_json(self, app: str, queue: str, items: object) -> list[dict[str, Any]]:
+        """Independent per-task results, in order: ``{"name", "eta"}`` or ``{"error"}``."""
+        self.check_queue(app, queue)
+        if not isinstance(items, list):
+            raise TaskQueueError("INVALID_REQUEST", "tasks: must be a list")
+        if len(items) > MAX_BATCH:
+            raise TaskQueueError("TOO_MANY_TASKS", f"tasks: at most {MAX_BATCH} in one batch")
+        results: list[dict[str, Any]] = [{} for _ in items]
+        seen: set[str] = set()
+        pending: list[tuple[int, Task]] = []
+        for i, item in enumerate(items):
+            try:
+                task = self.parse(app, queue, item)
+            except TaskQueueError as e:
+                results[i] = e.as_json()
+                continue
+            if task.name in seen:
+                results[i] = TaskQueueError(
+                    "DUPLICATE_TASK_NAME", f"tasks[{i}].name: {task.name!r} appears twice"
+                ).as_json()
+                continue
+            seen.add(task.name)
+            pending.append((i, task))
+
+        async def one(i: int, task: Task) -> None:
+            try:
+                await self.add(task)
+                results[i] = task_summary(task)
+            except TaskQueueError as e:
+                results[i] = e.as_json()
+            except Unavailable as e:
+                results[i] = e.as_task_queue_error().as_json()
+
+        await gatherResults([Deferred.fromCoroutine(one(i, t)) for i, t in pending])
+        return results
+
+    # --- state ---------------------------------------------------------------------------------
+    async def get(self, app: str, queue: str, name: str) -> dict[str, Any]:
+        self.check_queue(app, queue)
+        record = await self._store.get(app, queue, name)
+        if record is None:
+            raise TaskQueueError("UNKNOWN_TASK", f"name: no task {name!r} in queue {queue!r}")
+        return task_view(name, queue, record)
+
+    async def delete(self, app: str, queue: str, name: str) -> None:
+        self.check_queue(app, queue)
+        await self._store.delete(app, queue, name)
+
+
+def task_summary(task: Task) -> dict[str, Any]:
+    return {"name": task.name, "queue": task.queue, "eta": rfc3339(task.eta)}
+
+
+def task_view(name: str, queue: str, record: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "queue": queue,
+        "state": record["state"],
+        "retry_count": record["retry_count"],
+        "execution_count": record["execution_count"],
+        "eta": rfc3339(record["eta"]),
+        "last_response": record["last_response"],
+        "last_error": record.get("last_error"),
+    }

@@ -1,0 +1,185 @@
+"""What a node does with each delivered task: wait out its ETA, check its state, dispatch it,
+and make the outcome durable before the delivery is acked.
+
+Works through the IBroker / IStore / dispatcher seams and an injected clock, so the whole
+policy runs under ``task.Clock`` with memory fakes as well as against the real servers.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from appscale_tq.backoff import RetryOptions, may_retry, retry_delay
+from appscale_tq.errors import Unavailable
+from appscale_tq.interfaces import GO
+from appscale_tq.tasks import MessageError, Task, task_from_headers
+
+log = Logger()
+T = TypeVar("T")
+
+STORE_RETRY_MIN = 0.5
+STORE_RETRY_MAX = 5.0
+
+
+def _no_queue_options(app: str, queue: str) -> RetryOptions:
+    return RetryOptions()
+
+
+class Worker:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        broker: Any,
+        store: Any,
+        dispatcher: Any,
+        *,
+        short_wait: float = 2.0,
+        random: Callable[[], float] = random.random,
+        queue_options: Callable[[str, str], RetryOptions] = _no_queue_options,
+    ) -> None:
+        self._clock = clock
+        self._broker = broker
+        self._store = store
+        self._dispatcher = dispatcher
+        self._short_wait = short_wait
+        self._random = random
+        self._queue_options = queue_options
+        self._in_flight: set[Deferred[None]] = set()
+        self.stats = WorkerStats()
+
+    def handler(self, delivery: Any) -> Deferred[None]:
+        """The broker's per-delivery callback; tracks the work so stop() can drain it."""
+        d = Deferred.fromCoroutine(self.handle(delivery))
+        self._in_flight.add(d)
+        d.addBoth(self._done, d)
+        return d
+
+    def _done(self, result: Any, d: Deferred[None]) -> Any:
+        self._in_flight.discard(d)
+        return result
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) for the deliveries in hand to finish."""
+        if not self._in_flight:
+            return
+        waiting = DeferredList(list(self._in_flight), consumeErrors=True)
+        waiting.addTimeout(timeout, self._clock)
+        try:
+            await waiting
+        except Exception:
+            log.warn("stopping with {n} task(s) in flight; the broker redelivers them",
+                     n=len(self._in_flight))
+
+    def _sleep(self, seconds: float) -> Deferred[None]:
+        return deferLater(self._clock, max(0.0, seconds), lambda: None)
+
+    async def _durably(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run a store call until it succeeds: an outcome is never dropped, only delayed."""
+        pause = STORE_RETRY_MIN
+        while True:
+            try:
+                return await call()
+            except Unavailable as e:
+                log.warn("{what} waits for the store: {error}", what=what, error=str(e))
+                await self._sleep(pause)
+                pause = min(pause * 2, STORE_RETRY_MAX)
+
+    async def handle(self, delivery: Any) -> None:
+        try:
+            task = task_from_headers(delivery.headers, delivery.body)
+        except MessageError as e:
+            log.error("dropping a message that is not a task: {error}", error=str(e))
+            delivery.ack()
+            return
+        wait = task.eta - self._clock.seconds()
+        if wait > self._short_wait:
+            # early (a long delay path hop, or a clock skew): back to the broker to wait there
+            if await self._publish(task, wait, delivery):
+                delivery.ack()
+            return
+        if wait > 0:
+            await self._sleep(wait)
+        verdict = await self._durably("begin", lambda: self._store.begin(task))
+        if verdict != GO:
+            log.debug("skipping {name}: {verdict}", name=task.name, verdict=verdict)
+            self.stats.skipped += 1
+            delivery.ack()
+            return
+        started = self._clock.seconds()
+        first = task.first_attempt if task.first_attempt is not None else started
+        outcome = await self._dispatcher.dispatch(task)
+        self.stats.dispatched += 1
+        if outcome.ok:
+            await self._durably("success", lambda: self._store.record_success(task, outcome.status))
+            self.stats.succeeded += 1
+            delivery.ack()
+            return
+        self.stats.failed += 1
+        failures = task.retry_count + 1
+        tried = attrs.evolve(
+            task,
+            execution_count=task.execution_count + (1 if outcome.reached_app else 0),
+            first_attempt=first,
+        )
+        options = task.retry.over(self._queue_options(task.app, task.queue))
+        now = self._clock.seconds()
+        if not may_retry(failures, now - first, options):
+            log.info("task {name} failed for good after {n} attempt(s): {reason}",
+                     name=task.name, n=failures, reason=outcome.reason)
+            await self._durably(
+                "failure", lambda: self._store.record_failure(tried, outcome.status, outcome.reason)
+            )
+            delivery.ack()
+            return
+        delay = retry_delay(failures, options, self._random)
+        if outcome.retry_after is not None:
+            delay = max(delay, outcome.retry_after)
+        copy = attrs.evolve(
+            tried,
+            retry_count=failures,
+            eta=now + delay,
+            previous_response=outcome.status,
+            retry_reason=outcome.reason,
+        )
+        if delay <= self._short_wait:
+            await self._sleep(delay)
+            delay = 0.0
+        if not await self._publish(copy, delay, delivery):
+            return
+        await self._durably(
+            "retry", lambda: self._store.record_retry(copy, outcome.status, outcome.reason)
+        )
+        self.stats.retried += 1
+        delivery.ack()
+
+    async def _publish(self, task: Task, delay: float, delivery: Any) -> bool:
+        try:
+            await self._broker.publish(task, delay)
+            return True
+        except Unavailable as e:
+            # the original stays unacked: it comes back when its channel closes, or now
+            log.warn("could not re-publish {name}: {error}", name=task.name, error=str(e))
+            await self._sleep(1.0)
+            delivery.requeue()
+            return False
+
+
+@attrs.define
+class WorkerStats:
+    dispatched: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    skipped: int = 0
