@@ -17,7 +17,7 @@ setup(
         "zope.interface>=6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "coverage>=7"],
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "coverage>=7", "wheel"],
     },
     entry_points={"console_scripts": ["appscale-tq = appscale_tq.cli:main"]},
 )

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from appscale_tq.config import NodeConfig
 from appscale_tq.errors import TaskQueueError, Unavailable
-from appscale_tq.names import check_queue_name, new_token
+from appscale_tq.names import check_queue_name, check_task_name, new_token
 from appscale_tq.tasks import Limits, Task, rfc3339, task_from_request
 
 log = Logger()
@@ -118,6 +118,7 @@ class TaskQueue:
     # --- state ---------------------------------------------------------------------------------
     async def get(self, app: str, queue: str, name: str) -> dict[str, Any]:
         self.check_queue(app, queue)
+        check_task_name(name)  # the store's keys rely on names holding no ':'
         record = await self._store.get(app, queue, name)
         if record is None:
             raise TaskQueueError("UNKNOWN_TASK", f"name: no task {name!r} in queue {queue!r}")
@@ -125,6 +126,7 @@ class TaskQueue:
 
     async def delete(self, app: str, queue: str, name: str) -> None:
         self.check_queue(app, queue)
+        check_task_name(name)
         await self._store.delete(app, queue, name)
 
 

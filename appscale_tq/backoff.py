@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import attrs
@@ -101,20 +102,30 @@ def retry_delay(failures: int, options: RetryOptions, random: Callable[[], float
     if failures < 1:
         raise ValueError("failures must be >= 1")
     if not options.uses_schedule:
-        cap = DEFAULT_MAX_BACKOFF
-        if options.max_backoff_seconds is not None:
-            cap = options.max_backoff_seconds
-        ceiling = min(2.0 ** min(failures, 64), cap)
-        return random() * ceiling
-    lo = options.min_backoff_seconds if options.min_backoff_seconds is not None else AE_MIN_BACKOFF
-    hi = options.max_backoff_seconds if options.max_backoff_seconds is not None else DEFAULT_MAX_BACKOFF
-    doublings = options.max_doublings if options.max_doublings is not None else AE_MAX_DOUBLINGS
-    hi = max(hi, lo)
-    if failures - 1 <= doublings:
-        delay = lo * 2.0 ** min(failures - 1, 1024)
+        # (a max_backoff_seconds of its own would make this the App Engine schedule)
+        return random() * min(2.0 ** min(failures, 64), DEFAULT_MAX_BACKOFF)
+    hi = DEFAULT_MAX_BACKOFF
+    if options.max_backoff_seconds is not None:
+        hi = options.max_backoff_seconds
+    if options.min_backoff_seconds is not None:
+        lo = options.min_backoff_seconds
+        hi = max(hi, lo)  # an explicit minimum wins over a maximum below it (merged options)
     else:
-        delay = lo * 2.0 ** min(doublings, 1024) * (failures - doublings)
+        lo = min(AE_MIN_BACKOFF, hi)  # an explicit maximum below the default minimum wins
+    doublings = options.max_doublings if options.max_doublings is not None else AE_MAX_DOUBLINGS
+    if failures - 1 <= doublings:
+        delay = _doubled(lo, failures - 1)
+    else:
+        delay = _doubled(lo, doublings) * (failures - doublings)
     return min(delay, hi)
+
+
+def _doubled(value: float, times: int) -> float:
+    """``value * 2**times`` without OverflowError (``2.0 ** 1024`` raises; this gives inf)."""
+    try:
+        return math.ldexp(value, times)
+    except OverflowError:
+        return math.inf
 
 
 def may_retry(failures: int, age: float, options: RetryOptions) -> bool:

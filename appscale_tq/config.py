@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -16,6 +18,17 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_LB_URL = "http://127.0.0.1:8080"
 NINE_DAYS = 9 * 86400
+# Upper bounds: a bigger value is a typo, and some would break a library much later (AMQP's
+# prefetch count is 16 bits; RabbitMQ's default max_message_size is 128 MiB; Redis expiries
+# and twisted timers want finite numbers; a delivery held unacked for long meets RabbitMQ's
+# consumer_timeout, DESIGN invariant 5).
+MAX_SECONDS = 1e9
+MAX_TASK_BYTES = 64 * 1024 * 1024
+MAX_PREFETCH = 65535
+MAX_SHORT_WAIT = 60.0
+MAX_TIMEOUT = 3600.0
+# Prefix of AMQP names and Redis keys; AMQP reserves names that start with "amq.".
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
 
 
 class ConfigError(ValueError):
@@ -69,12 +82,10 @@ def parse_redis_url(url: str) -> RedisAddress:
     if parts.scheme != "redis":
         raise ConfigError("redis_url", f"{url!r} must start with redis://")
     db_text = parts.path.strip("/") or "0"
-    if not db_text.isdigit():
+    if not (db_text.isascii() and db_text.isdigit()):
         raise ConfigError("redis_url", f"database {db_text!r} must be a number")
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        raise ConfigError("redis_url", f"{url!r} has a bad port") from None
+    port = _port("redis_url", url, parts)
+    port = 6379 if port is None else port
     password = unquote(parts.password) if parts.password else None
     return RedisAddress(parts.hostname or "127.0.0.1", port, int(db_text), password)
 
@@ -83,19 +94,32 @@ def _check_amqp_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("amqp", "amqps"):
         raise ConfigError("amqp_url", f"{url!r} must start with amqp:// or amqps://")
+    _port("amqp_url", url, parts)
+
+
+def _port(key: str, url: str, parts: Any) -> int | None:
     try:
-        parts.port
+        port = parts.port
     except ValueError:
-        raise ConfigError("amqp_url", f"{url!r} has a bad port") from None
+        raise ConfigError(key, f"{url!r} has a bad port") from None
+    if port == 0:
+        raise ConfigError(key, f"{url!r} has a bad port")
+    return port
 
 
-def _number(key: str, value: Any, *, minimum: float, integer: bool = False) -> Any:
+def _number(
+    key: str, value: Any, *, minimum: float, maximum: float, integer: bool = False
+) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(key, f"must be a number, not {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, not {value!r}")
     if integer and value != int(value):
         raise ConfigError(key, f"must be a whole number, not {value!r}")
     if value < minimum:
         raise ConfigError(key, f"must be at least {minimum:g}, not {value!r}")
+    if value > maximum:
+        raise ConfigError(key, f"must be at most {maximum:g}, not {str(value)[:40]}")
     return int(value) if integer else float(value)
 
 
@@ -112,16 +136,18 @@ def _apps(value: Any) -> dict[str, AppConfig]:
     for app, settings in value.items():
         if not isinstance(app, str) or not is_app_id(app):
             raise ConfigError(f"apps.{app}", "is not a valid app id")
-        settings = settings or {}
+        if settings is None:
+            settings = {}
         if not isinstance(settings, Mapping):
             raise ConfigError(f"apps.{app}", "must be a mapping")
-        unknown = sorted(set(settings) - {"lb_url"})
+        unknown = sorted(str(k) for k in settings if k != "lb_url")  # YAML keys: any type
         if unknown:
             raise ConfigError(f"apps.{app}.{unknown[0]}", "unknown key; known: lb_url")
         lb_url = _string(f"apps.{app}.lb_url", settings.get("lb_url", DEFAULT_LB_URL))
         parts = urlsplit(lb_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"apps.{app}.lb_url", f"{lb_url!r} must be an http(s) URL")
+        _port(f"apps.{app}.lb_url", lb_url, parts)
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ConfigError(f"apps.{app}.lb_url", f"{lb_url!r} must have no path or query")
         apps[app] = AppConfig(lb_url=lb_url.rstrip("/"))
@@ -133,15 +159,26 @@ _FIELDS = {
     "amqp_url": lambda k, v: _string(k, v),
     "redis_url": lambda k, v: _string(k, v),
     "apps": lambda k, v: _apps(v),
-    "tombstone_seconds": lambda k, v: _number(k, v, minimum=1),
-    "max_task_bytes": lambda k, v: _number(k, v, minimum=1, integer=True),
+    "tombstone_seconds": lambda k, v: _number(k, v, minimum=1, maximum=MAX_SECONDS),
+    "max_task_bytes": lambda k, v: _number(
+        k, v, minimum=1, maximum=MAX_TASK_BYTES, integer=True
+    ),
     "secret": lambda k, v: None if v is None else _string(k, v),
-    "prefetch": lambda k, v: _number(k, v, minimum=1, integer=True),
-    "short_wait_seconds": lambda k, v: _number(k, v, minimum=0),
-    "redis_timeout": lambda k, v: _number(k, v, minimum=0.1),
-    "amqp_timeout": lambda k, v: _number(k, v, minimum=0.1),
-    "namespace": lambda k, v: _string(k, v),
+    "prefetch": lambda k, v: _number(k, v, minimum=1, maximum=MAX_PREFETCH, integer=True),
+    "short_wait_seconds": lambda k, v: _number(k, v, minimum=0, maximum=MAX_SHORT_WAIT),
+    "redis_timeout": lambda k, v: _number(k, v, minimum=0.1, maximum=MAX_TIMEOUT),
+    "amqp_timeout": lambda k, v: _number(k, v, minimum=0.1, maximum=MAX_TIMEOUT),
+    "namespace": lambda k, v: _namespace(k, v),
 }
+
+
+def _namespace(key: str, value: Any) -> str:
+    value = _string(key, value)
+    if not _NAMESPACE.fullmatch(value) or value == "amq" or value.startswith("amq."):
+        raise ConfigError(
+            key, f"{value[:80]!r} must match ^[A-Za-z0-9_.-]{{1,64}}$ and not start with 'amq.'"
+        )
+    return value
 
 
 def config_from_mapping(data: Any) -> NodeConfig:
@@ -174,4 +211,6 @@ def load_config_file(path: str) -> NodeConfig:
             text = f.read()
     except OSError as e:
         raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("--config", f"{path} is not UTF-8 text") from None
     return load_config(text)

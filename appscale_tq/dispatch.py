@@ -7,6 +7,7 @@ request (headers and body alike) and the late answer is ignored.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 from collections.abc import Mapping
 from typing import Any
@@ -69,15 +70,18 @@ def parse_retry_after(value: bytes | None, now: float) -> float | None:
     if not value:
         return None
     text = value.decode("latin-1").strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # str.isdigit alone accepts "²", which float() refuses
         return min(float(text), MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError):
+        if when is None:
+            return None
+        if when.tzinfo is None:  # "-0000": an HTTP-date is always GMT, never local time
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = when.timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if when is None:
-        return None
-    return min(max(0.0, when.timestamp() - now), MAX_RETRY_AFTER)
+    return min(max(0.0, seconds - now), MAX_RETRY_AFTER)
 
 
 class _Drain(Protocol):
@@ -124,6 +128,7 @@ class Dispatcher:
             headers=dispatch_headers(task),
             data=None if task.method in BODYLESS_METHODS else task.payload,
             allow_redirects=False,
+            unbuffered=True,  # _Drain keeps KEEP_BODY bytes; treq would buffer the whole body
         )
         drain: _Drain | None = None
 
@@ -148,7 +153,8 @@ class Dispatcher:
             await drain.done
         except Exception as e:
             if expired:
-                return Outcome(None, f"no answer within the {task.deadline:g} s deadline", None, True)
+                reason = f"no answer within the {task.deadline:g} s deadline"
+                return Outcome(None, reason, None, True)
             return Outcome(None, f"no answer from the load balancer: {e.__class__.__name__}")
         finally:
             if timer.active():

@@ -60,9 +60,14 @@ return 'go'
 
 # ARGV: tid, new state, retry, exec, last response, reason, eta, ttl (0 = keep)
 _RECORD = """
-local r = redis.call('HMGET', KEYS[1], 'state', 'tid')
+local r = redis.call('HMGET', KEYS[1], 'state', 'tid', 'retry')
 if r[2] and r[2] ~= ARGV[1] then return 'stale' end
 if r[1] == 'deleted' or r[1] == 'completed' or r[1] == 'error' then return r[1] end
+local recorded = tonumber(r[3] or '0') or 0
+if recorded > tonumber(ARGV[3]) then return 'stale' end
+if ARGV[2] == 'queued' and r[1] == 'running' and recorded == tonumber(ARGV[3]) then
+  return 'moved'
+end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'tid', ARGV[1], 'retry', ARGV[3],
            'exec', ARGV[4], 'last', ARGV[5], 'reason', ARGV[6], 'eta', ARGV[7])
 if tonumber(ARGV[8]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[8]) end

@@ -45,6 +45,9 @@ RESERVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "co
 RESERVED_PREFIX = "x-appengine-"
 _URL = re.compile(r"/[!-~]*", re.ASCII)
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", re.ASCII)
+# RFC 9110 field values: no control characters but HTAB; no lone surrogates (they cannot be
+# encoded when the dispatcher sends the request, so they would fail every attempt).
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 
 
 @attrs.frozen
@@ -89,7 +92,11 @@ def rfc3339(seconds: float) -> str:
 
 
 def parse_eta(value: object, field: str = "eta") -> float:
-    """RFC 3339 (a naive one is UTC) or epoch seconds, to epoch seconds."""
+    """RFC 3339 (a naive one is UTC) or epoch seconds, to epoch seconds.
+
+    A time before 1970 is in the past like any other: it comes back as 0.0, which the caller
+    turns into "now" (DESIGN §3: past ETA = now).
+    """
     if isinstance(value, bool):
         raise TaskQueueError("INVALID_ETA", f"{field}: must be RFC 3339 or epoch seconds")
     if isinstance(value, (int, float)):
@@ -109,9 +116,9 @@ def parse_eta(value: object, field: str = "eta") -> float:
         seconds = moment.timestamp()
     else:
         raise TaskQueueError("INVALID_ETA", f"{field}: must be RFC 3339 or epoch seconds")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise TaskQueueError("INVALID_ETA", f"{field}: must be a finite time after 1970")
-    return seconds
+    if not math.isfinite(seconds):
+        raise TaskQueueError("INVALID_ETA", f"{field}: must be a finite time")
+    return max(seconds, 0.0)
 
 
 def check_url(url: object, field: str = "url") -> str:
@@ -145,8 +152,11 @@ def _headers(value: object) -> tuple[tuple[str, str], ...]:
         key, val = pair
         if not isinstance(key, str) or not _TOKEN.fullmatch(key):
             raise invalid("headers", f"{str(key)[:60]!r} is not a valid header name")
-        if not isinstance(val, str) or any(c in val for c in "\r\n\0"):
-            raise invalid(f"headers.{key}", "value must be a string without CR, LF or NUL")
+        if not isinstance(val, str) or _BAD_VALUE.search(val):
+            raise invalid(
+                f"headers.{key}",
+                "value must be a string without control characters (CR, LF, NUL, ...)",
+            )
         lowered = key.lower()
         if lowered in RESERVED_HEADERS or lowered.startswith(RESERVED_PREFIX):
             continue  # set by the dispatcher, never by the caller
@@ -180,14 +190,14 @@ def _eta(body: Mapping[str, Any], now: float) -> float:
         raise invalid("countdown", "give countdown or eta, not both")
     if body.get("countdown") is not None:
         countdown = _finite("countdown", body["countdown"], "INVALID_ETA")
-        eta = now + max(0.0, countdown)
-        field = "countdown"
+        # compare the countdown itself: (now + countdown) - now can round above the limit
+        ahead, eta, field = countdown, now + max(0.0, countdown), "countdown"
     elif body.get("eta") is not None:
         eta = max(parse_eta(body["eta"]), now)
-        field = "eta"
+        ahead, field = eta - now, "eta"
     else:
         return now
-    if eta - now > MAX_ETA_SECONDS:
+    if ahead > MAX_ETA_SECONDS:
         raise TaskQueueError(
             "INVALID_ETA", f"{field}: more than 30 days ({MAX_ETA_SECONDS} s) in the future"
         )
@@ -236,7 +246,9 @@ def task_from_request(
     generated = raw_name is None or raw_name == ""
     name = generate_task_name(token) if generated else check_task_name(raw_name)
     url = check_url(body["url"]) if body.get("url") is not None else f"/_ah/queue/{queue}"
-    method = body.get("method") or "POST"
+    method = body.get("method")
+    if method is None:
+        method = "POST"
     if not isinstance(method, str) or method.upper() not in METHODS:
         raise invalid("method", f"must be one of {', '.join(METHODS)}")
     method = method.upper()
@@ -316,9 +328,23 @@ def _text(headers: Mapping[str, Any], key: str) -> str:
 
 def _float(headers: Mapping[str, Any], key: str) -> float:
     try:
-        return float(_text(headers, key))
+        number = float(_text(headers, key))
     except ValueError:
         raise MessageError(f"header {key} is not a number") from None
+    if not math.isfinite(number):
+        raise MessageError(f"header {key} is not a finite number")
+    return number
+
+
+def _pairs(headers: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    if headers.get("tq-headers") is None:
+        return ()
+    pairs = json.loads(_text(headers, "tq-headers"))
+    if not isinstance(pairs, list) or not all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs
+    ):
+        raise MessageError("header tq-headers is not a list of [name, value] strings")
+    return tuple((k, v) for k, v in pairs)
 
 
 def _int(headers: Mapping[str, Any], key: str, default: int = 0) -> int:
@@ -332,10 +358,7 @@ def task_from_headers(headers: Mapping[str, Any] | None, body: bytes) -> Task:
     if not headers or "tq-app" not in headers:
         raise MessageError("not a task message (no tq-app header)")
     try:
-        raw_headers = headers.get("tq-headers")
-        pairs: tuple[tuple[str, str], ...] = ()
-        if raw_headers is not None:
-            pairs = tuple((str(k), str(v)) for k, v in json.loads(_text(headers, "tq-headers")))
+        pairs = _pairs(headers)
         retry = NO_OPTIONS
         if headers.get("tq-retry") is not None:
             retry = retry_options_from_mapping(json.loads(_text(headers, "tq-retry")))
@@ -358,10 +381,11 @@ def task_from_headers(headers: Mapping[str, Any] | None, body: bytes) -> Task:
             deadline=_float(headers, "tq-deadline"),
             first_attempt=first,
             retry=retry,
-            previous_response=prev if isinstance(prev, int) else None,
+            previous_response=prev if type(prev) is int else None,  # not bool
             retry_reason=reason,
         )
-    except (TypeError, ValueError, TaskQueueError) as e:
-        if isinstance(e, MessageError):
-            raise
+    except MessageError:
+        raise
+    except (TypeError, ValueError, RecursionError, TaskQueueError) as e:
+        # RecursionError: json.loads of absurdly nested input
         raise MessageError(f"malformed task message: {e}") from None

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -73,15 +73,14 @@ class API(Resource):
         self._secret = secret
 
     def render(self, request: Request) -> Any:
-        d = Deferred.fromCoroutine(self._respond(request))
-        request.notifyFinish().addErrback(lambda _: d.cancel())
+        # Not cancelled when the client goes away: every step is bounded by its own timeout,
+        # and an enqueue cut in half could free a name whose message the broker still confirms.
+        Deferred.fromCoroutine(self._respond(request))
         return NOT_DONE_YET
 
     async def _respond(self, request: Request) -> None:
         try:
             status, body = await self._route(request)
-        except CancelledError:
-            return  # the client went away
         except HTTPError as e:
             status, body = e.status, e.body
         except TaskQueueError as e:

@@ -74,7 +74,13 @@ class Worker:
         """Wait (at most ``timeout`` s) for the deliveries in hand to finish."""
         if not self._in_flight:
             return
-        waiting = DeferredList(list(self._in_flight), consumeErrors=True)
+        # A Deferred of our own: the timeout cancels it, never the work itself. Cancelling a
+        # handler mid-dispatch would turn the cancelled request into a failed attempt (and,
+        # out of retries, a task recorded as error) although the app never answered.
+        waiting: Deferred[None] = Deferred()
+        DeferredList(list(self._in_flight), consumeErrors=True).addBoth(
+            lambda _: None if waiting.called else waiting.callback(None)
+        )
         waiting.addTimeout(timeout, self._clock)
         try:
             await waiting
@@ -97,6 +103,16 @@ class Worker:
                 pause = min(pause * 2, STORE_RETRY_MAX)
 
     async def handle(self, delivery: Any) -> None:
+        try:
+            await self._handle(delivery)
+        except Exception:
+            # a bug or an unexpected reply: give the message back rather than hold it until
+            # the broker's consumer timeout closes the channel
+            log.failure("handling a delivery failed; requeueing it")
+            await self._sleep(1.0)
+            delivery.requeue()
+
+    async def _handle(self, delivery: Any) -> None:
         try:
             task = task_from_headers(delivery.headers, delivery.body)
         except MessageError as e:
@@ -122,7 +138,8 @@ class Worker:
         outcome = await self._dispatcher.dispatch(task)
         self.stats.dispatched += 1
         if outcome.ok:
-            await self._durably("success", lambda: self._store.record_success(task, outcome.status))
+            done = attrs.evolve(task, execution_count=task.execution_count + 1, first_attempt=first)
+            await self._durably("success", lambda: self._store.record_success(done, outcome.status))
             self.stats.succeeded += 1
             delivery.ack()
             return
