@@ -112,7 +112,7 @@ class AMQPBroker:
             clock=reactor,
             prepareConnection=self._prepare,
         )
-        self._consumers: dict[str, tuple[Handler, str]] = {}
+        self._consumers: dict[str, tuple[Handler, str, str]] = {}
         self._pub: Any = None
         self._con: Any = None
         self._proto: Any = None
@@ -190,8 +190,19 @@ class AMQPBroker:
         )
 
     async def _start_consumer(self, con: Any, wq: str) -> None:
-        handler, _ = self._consumers[wq]
-        queue_obj, tag = await con.basic_consume(queue=wq, auto_ack=False)
+        if wq not in self._consumers or wq in self._consumer_tags:
+            return
+        handler = self._consumers[wq][0]
+        self._consumer_tags[wq] = ""  # being started
+        try:
+            queue_obj, tag = await con.basic_consume(queue=wq, auto_ack=False)
+        except Exception:
+            self._consumer_tags.pop(wq, None)
+            raise
+        if wq not in self._consumers:  # stopped while starting
+            self._consumer_tags.pop(wq, None)
+            await con.basic_cancel(tag)
+            return
         self._consumer_tags[wq] = tag
         Deferred.fromCoroutine(self._consume_loop(queue_obj, handler)).addErrback(
             lambda f: log.failure("consumer loop of {wq} crashed", f, wq=wq)
@@ -217,11 +228,32 @@ class AMQPBroker:
     # --- the broker interface ----------------------------------------------------------------
     def consume(self, app: str, queue: str, handler: Handler) -> None:
         wq = self.work_queue(app, queue)
-        self._consumers[wq] = (handler, app)
+        if wq in self._consumers:
+            return
+        self._consumers[wq] = (handler, app, queue)
         if self.connected:
             Deferred.fromCoroutine(self._add_consumer(wq)).addErrback(
                 lambda f: log.failure("could not start consuming {wq}", f, wq=wq)
             )
+
+    def stop(self, app: str, queue: str) -> None:
+        """Stop consuming a queue (paused, rate 0 or removed); its messages stay in RabbitMQ."""
+        wq = self.work_queue(app, queue)
+        self._consumers.pop(wq, None)
+        tag = self._consumer_tags.pop(wq, None)
+        if tag is not None and self._con is not None and self._con.is_open:
+            self._con.basic_cancel(tag).addErrback(
+                lambda f: log.warn("could not cancel consumer of {wq}: {e}", wq=wq,
+                                   e=f.getErrorMessage())
+            )
+
+    def consuming(self) -> set[tuple[str, str]]:
+        return {(app, queue) for _, app, queue in self._consumers.values()}
+
+    async def purge(self, app: str, queue: str) -> None:
+        """Drop the ready messages of a queue (those waiting for an ETA are caught later)."""
+        pub = await self._channel()
+        await pub.queue_purge(self.work_queue(app, queue))
 
     async def _add_consumer(self, wq: str) -> None:
         await self._declare_work_queue(self._pub, wq)
@@ -237,6 +269,8 @@ class AMQPBroker:
         if con is None or not con.is_open:
             return
         for tag in tags.values():
+            if not tag:
+                continue
             try:
                 await con.basic_cancel(tag)
             except Exception:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -31,7 +32,9 @@ class TaskQueue:
         store: Any,
         broker: Any,
         token: Callable[[], str] = new_token,
+        registry: Any = None,
     ) -> None:
+        self._registry = registry
         self._clock = clock
         self._config = config
         self._store = store
@@ -48,7 +51,18 @@ class TaskQueue:
             raise TaskQueueError("UNKNOWN_QUEUE", f"queue: {queue!r} is not defined for {app!r}")
 
     def queues(self, app: str) -> Sequence[str]:
-        return ("default",)
+        if self._registry is None:
+            return ("default",)
+        return self._registry.queue_names(app)
+
+    def check_push_queue(self, app: str, queue: str) -> None:
+        self.check_queue(app, queue)
+        if self._registry is not None:
+            q = self._registry.queue(app, queue)
+            if q is not None and q.mode != "push":
+                raise TaskQueueError(
+                    "INVALID_QUEUE_MODE", f"queue: {queue!r} is a pull queue; push tasks only"
+                )
 
     # --- enqueue -------------------------------------------------------------------------------
     def parse(self, app: str, queue: str, body: object) -> Task:
@@ -58,7 +72,8 @@ class TaskQueue:
         return task
 
     async def add(self, task: Task) -> Task:
-        await self._store.reserve(task)
+        gen = await self._store.reserve(task)
+        task = attrs.evolve(task, gen=gen or 0)
         try:
             await self._broker.publish(task, task.eta - self._clock.seconds())
         except Unavailable:
@@ -76,12 +91,12 @@ class TaskQueue:
         return task
 
     async def add_json(self, app: str, queue: str, body: object) -> Task:
-        self.check_queue(app, queue)
+        self.check_push_queue(app, queue)
         return await self.add(self.parse(app, queue, body))
 
     async def add_batch_json(self, app: str, queue: str, items: object) -> list[dict[str, Any]]:
         """Independent per-task results, in order: ``{"name", "eta"}`` or ``{"error"}``."""
-        self.check_queue(app, queue)
+        self.check_push_queue(app, queue)
         if not isinstance(items, list):
             raise TaskQueueError("INVALID_REQUEST", "tasks: must be a list")
         if len(items) > MAX_BATCH:
@@ -128,6 +143,78 @@ class TaskQueue:
         self.check_queue(app, queue)
         check_task_name(name)
         await self._store.delete(app, queue, name)
+
+
+    # --- queues --------------------------------------------------------------------------------
+    def _require_registry(self) -> Any:
+        if self._registry is None:
+            raise TaskQueueError("INVALID_REQUEST", "queue operations need a queue registry")
+        return self._registry
+
+    def check_app(self, app: str) -> None:
+        if app not in self._config.apps:
+            raise TaskQueueError("UNKNOWN_QUEUE", f"app: {app!r} is not served by this node")
+
+    async def deploy(self, app: str, text: str) -> dict[str, Any]:
+        self.check_app(app)
+        config = await self._require_registry().deploy(app, text)
+        body = config.as_dict()
+        if self._broker is not None:
+            for name, q in config.queues.items():
+                if q.mode == "push":
+                    await self._broker.ensure_queue(app, name)
+        return body
+
+    async def queue_info(self, app: str, queue: str) -> dict[str, Any]:
+        self.check_queue(app, queue)
+        q = self._require_registry().queue(app, queue)
+        stats = await self._store.queue_stats(app, queue)
+        rate = q.rate or 0.0
+        if stats["paused"]:
+            state = "paused"
+        elif q.mode == "pull":
+            state = "pull"
+        elif rate <= 0:
+            state = "disabled"
+        else:
+            state = "running"
+        return {
+            "name": queue,
+            "mode": q.mode,
+            "state": state,
+            "rate": q.rate_text,
+            "rate_per_second": rate,
+            "enforced_rate_per_second": rate * stats["rate_factor"],
+            "bucket_size": q.bucket_size,
+            "max_concurrent_requests": q.max_concurrent_requests,
+            "target": q.target,
+            "retry_parameters": q.retry.as_dict(),
+            "tasks": stats["tasks"],
+            "oldest_eta": rfc3339(stats["oldest_eta"]) if stats["oldest_eta"] else None,
+            "in_flight": stats["in_flight"],
+            "executed_last_minute": stats["executed_last_minute"],
+        }
+
+    async def list_queues(self, app: str) -> list[dict[str, Any]]:
+        self.check_app(app)
+        return [await self.queue_info(app, name) for name in self.queues(app)]
+
+    async def set_paused(self, app: str, queue: str, paused: bool) -> dict[str, Any]:
+        self.check_queue(app, queue)
+        await self._store.set_paused(app, queue, paused)
+        await self._require_registry().refresh()
+        return await self.queue_info(app, queue)
+
+    async def purge(self, app: str, queue: str) -> dict[str, Any]:
+        """Tasks enqueued before now never run, wherever they wait."""
+        self.check_queue(app, queue)
+        await self._store.purge(app, queue)
+        try:
+            await self._broker.purge(app, queue)
+        except Unavailable as e:
+            log.warn("purged {queue} in the store; the broker copy waits: {e}", queue=queue,
+                     e=str(e))
+        return await self.queue_info(app, queue)
 
 
 def task_summary(task: Task) -> dict[str, Any]:

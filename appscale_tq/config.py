@@ -42,6 +42,10 @@ class ConfigError(ValueError):
 @attrs.frozen
 class AppConfig:
     lb_url: str = DEFAULT_LB_URL
+    # queue.yaml "target: [version.]service" -> that service's load balancer on this node
+    targets: Mapping[str, str] = attrs.field(factory=dict)
+    # a queue.yaml file deployed for the app when the node starts
+    queue_yaml: str | None = None
 
 
 @attrs.frozen
@@ -71,6 +75,10 @@ class NodeConfig:
     amqp_timeout: float = 4.0
     # Names of AMQP exchanges and queues, and of Redis keys, start with this.
     namespace: str = "tq"
+    # App Engine caps a queue's rate at 500/s; operators may raise the cap.
+    max_queue_rate: float = 500.0
+    # How often a node looks for a new queue.yaml deployment or paused queues.
+    queue_poll_seconds: float = 1.0
 
     @property
     def redis(self) -> RedisAddress:
@@ -129,6 +137,20 @@ def _string(key: str, value: Any) -> str:
     return value
 
 
+_TARGET = re.compile(r"[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})?", re.ASCII)
+
+
+def _lb_url(key: str, value: Any) -> str:
+    lb_url = _string(key, value)
+    parts = urlsplit(lb_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, f"{lb_url!r} must be an http(s) URL")
+    _port(key, lb_url, parts)
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(key, f"{lb_url!r} must have no path or query")
+    return lb_url.rstrip("/")
+
+
 def _apps(value: Any) -> dict[str, AppConfig]:
     if not isinstance(value, Mapping) or not value:
         raise ConfigError("apps", "must map at least one app id to its settings")
@@ -140,17 +162,24 @@ def _apps(value: Any) -> dict[str, AppConfig]:
             settings = {}
         if not isinstance(settings, Mapping):
             raise ConfigError(f"apps.{app}", "must be a mapping")
-        unknown = sorted(str(k) for k in settings if k != "lb_url")  # YAML keys: any type
+        known = ("lb_url", "targets", "queue_yaml")
+        unknown = sorted(str(k) for k in settings if k not in known)  # YAML keys: any type
         if unknown:
-            raise ConfigError(f"apps.{app}.{unknown[0]}", "unknown key; known: lb_url")
-        lb_url = _string(f"apps.{app}.lb_url", settings.get("lb_url", DEFAULT_LB_URL))
-        parts = urlsplit(lb_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"apps.{app}.lb_url", f"{lb_url!r} must be an http(s) URL")
-        _port(f"apps.{app}.lb_url", lb_url, parts)
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ConfigError(f"apps.{app}.lb_url", f"{lb_url!r} must have no path or query")
-        apps[app] = AppConfig(lb_url=lb_url.rstrip("/"))
+            raise ConfigError(f"apps.{app}.{unknown[0]}", f"unknown key; known: {', '.join(known)}")
+        lb_url = _lb_url(f"apps.{app}.lb_url", settings.get("lb_url", DEFAULT_LB_URL))
+        targets = settings.get("targets") or {}
+        if not isinstance(targets, Mapping):
+            raise ConfigError(f"apps.{app}.targets", "must map [version.]service to a URL")
+        checked_targets = {}
+        for target, url in targets.items():
+            key = f"apps.{app}.targets.{target}"
+            if not isinstance(target, str) or not _TARGET.fullmatch(target):
+                raise ConfigError(key, "is not a [version.]service name")
+            checked_targets[target] = _lb_url(key, url)
+        queue_yaml = settings.get("queue_yaml")
+        if queue_yaml is not None:
+            queue_yaml = _string(f"apps.{app}.queue_yaml", queue_yaml)
+        apps[app] = AppConfig(lb_url=lb_url, targets=checked_targets, queue_yaml=queue_yaml)
     return apps
 
 
@@ -169,6 +198,8 @@ _FIELDS = {
     "redis_timeout": lambda k, v: _number(k, v, minimum=0.1, maximum=MAX_TIMEOUT),
     "amqp_timeout": lambda k, v: _number(k, v, minimum=0.1, maximum=MAX_TIMEOUT),
     "namespace": lambda k, v: _namespace(k, v),
+    "max_queue_rate": lambda k, v: _number(k, v, minimum=0.001, maximum=1e6),
+    "queue_poll_seconds": lambda k, v: _number(k, v, minimum=0.05, maximum=60),
 }
 
 
@@ -191,7 +222,11 @@ def config_from_mapping(data: Any) -> NodeConfig:
         if key not in _FIELDS:
             raise ConfigError(str(key), f"unknown key; known: {', '.join(sorted(_FIELDS))}")
         values[key] = _FIELDS[key](key, value)
-    config = NodeConfig(**values)
+    return check_config(NodeConfig(**values))
+
+
+def check_config(config: NodeConfig) -> NodeConfig:
+    """The checks that span keys, for a config however it was made."""
     _check_amqp_url(config.amqp_url)
     parse_redis_url(config.redis_url)
     return config

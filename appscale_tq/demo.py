@@ -96,11 +96,13 @@ def accepts(port: int, host: str = HOST) -> bool:
 
 
 def tail(path: Path, lines: int = LOG_TAIL) -> str:
+    """The log's last lines, without the access-log lines of our own /healthz polls."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return "(no log)"
-    return "\n".join(text.rstrip("\n").splitlines()[-lines:]) or "(empty log)"
+    kept = [line for line in text.rstrip("\n").splitlines() if '"GET /healthz ' not in line]
+    return "\n".join(kept[-lines:]) or "(empty log)"
 
 
 def http(method: str, url: str, body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
@@ -263,7 +265,7 @@ class Cluster:
                     f"GET /healthz: {last}.\n{_NEEDS}\nLast lines of its log "
                     f"({self.node.log}):\n{tail(self.node.log)}"
                 )
-            time.sleep(0.2)
+            time.sleep(0.5)
 
     def check_alive(self) -> None:
         for child in [*self.apps, *([self.node] if self.node else [])]:
@@ -461,6 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         (api_port, lb_port, app_ports), namespace = args.ports, "demo-dev"
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_stop)
+    # Ctrl-C stops everything, even when a shell started us with SIGINT ignored (``cmd &``).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     busy = [p for p in (lb_port, *app_ports, api_port) if port_busy(p)]
     if busy:

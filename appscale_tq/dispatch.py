@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -109,15 +109,25 @@ class _Drain(Protocol):
 
 
 class Dispatcher:
-    def __init__(self, client: Any, clock: IReactorTime, lb_urls: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        client: Any,
+        clock: IReactorTime,
+        lb_urls: Mapping[str, str],
+        base_url: Callable[[Task], str] | None = None,
+    ) -> None:
         self._client = client
         self._clock = clock
         self._lb_urls = dict(lb_urls)
+        self._base_url = base_url
 
     def set_lb_url(self, app: str, url: str) -> None:
         self._lb_urls[app] = url.rstrip("/")
 
     def url_for(self, task: Task) -> str:
+        """Only ever the app's (or its queue target's) configured load balancer."""
+        if self._base_url is not None:
+            return self._base_url(task) + task.url
         return self._lb_urls[task.app] + task.url
 
     async def dispatch(self, task: Task) -> Outcome:

@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.application import service, strports
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
@@ -15,6 +16,7 @@ from appscale_tq.api import TaskQueue
 from appscale_tq.config import NodeConfig
 from appscale_tq.dispatch import Dispatcher
 from appscale_tq.errors import Unavailable
+from appscale_tq.registry import QueueRegistry
 from appscale_tq.store import RedisStore
 from appscale_tq.web import build_root
 from appscale_tq.worker import Worker
@@ -25,19 +27,54 @@ DRAIN_SECONDS = 10.0
 
 
 class WorkerService(service.Service):
-    """Consumes every queue of every app this node serves; drains in-flight work on stop."""
+    """Consumes the dispatching queues of every app this node serves, following the queue
+    registry (deployments, pauses); drains in-flight work on stop."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
+        self._deploying: Deferred[None] | None = None
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
-        for app in self.node.config.apps:
-            for queue in self.node.tq.queues(app):
-                self.node.broker.consume(app, queue, self.node.worker.handler)
+        self.node.registry.on_change(self.sync)
+        self.sync()
+        self.node.registry.start()
+        self._deploying = Deferred.fromCoroutine(self._deploy_files())
+        self._deploying.addErrback(lambda f: log.failure("deploying queue.yaml files failed", f))
+
+    def sync(self) -> None:
+        """Consume exactly the queues that dispatch now."""
+        if not self.running:
+            return
+        broker, registry = self.node.broker, self.node.registry
+        wanted = {
+            (app, queue)
+            for app in self.node.config.apps
+            for queue in registry.consumed_queues(app)
+        }
+        for app, queue in wanted:
+            broker.consume(app, queue, self.node.worker.handler)
+        for app, queue in broker.consuming() - wanted:
+            broker.stop(app, queue)
+
+    async def _deploy_files(self) -> None:
+        """Deploy the queue.yaml files the node config names, retrying while Redis is away."""
+        for app, conf in self.node.config.apps.items():
+            if not conf.queue_yaml:
+                continue
+            with open(conf.queue_yaml, encoding="utf-8") as f:
+                text = f.read()
+            while self.running:
+                try:
+                    await self.node.registry.deploy(app, text)
+                    break
+                except Unavailable as e:
+                    log.warn("waiting to deploy {path}: {e}", path=conf.queue_yaml, e=str(e))
+                    await deferLater(self.node.reactor, 2.0, lambda: None)
 
     def stopService(self) -> Deferred[None]:  # noqa: N802
         super().stopService()
+        self.node.registry.stop()
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
@@ -84,8 +121,13 @@ class Node:
         pool.maxPersistentPerHost = config.prefetch
         self.http = HTTPClient(Agent(reactor, pool=pool))
         self.pool = pool
+        self.registry = QueueRegistry(
+            reactor, self.store, config.apps, poll_seconds=config.queue_poll_seconds,
+            max_rate=config.max_queue_rate,
+        )
         self.dispatcher = Dispatcher(
-            self.http, reactor, {app: a.lb_url for app, a in config.apps.items()}
+            self.http, reactor, {app: a.lb_url for app, a in config.apps.items()},
+            base_url=lambda task: self.registry.lb_url(task.app, task.queue),
         )
         self.worker = Worker(
             reactor,
@@ -93,8 +135,10 @@ class Node:
             self.store,
             self.dispatcher,
             short_wait=config.short_wait_seconds,
+            queue_options=self.registry.retry_options,
+            registry=self.registry,
         )
-        self.tq = TaskQueue(reactor, config, self.store, self.broker)
+        self.tq = TaskQueue(reactor, config, self.store, self.broker, registry=self.registry)
         self.root = build_root(self.tq, self.health, config.secret)
 
     async def health(self) -> dict[str, str]:

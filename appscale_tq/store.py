@@ -20,13 +20,23 @@ log = Logger()
 # A reservation that the broker never confirmed frees itself after this long.
 PENDING_TTL = 300
 
+# Keys (the second part tells the kind; queue and task names hold no ':'):
+#   <ns>:t:<app>:<queue>:<name>  hash   a task's record
+#   <ns>:m:<app>:<queue>         hash   queue state: gen (purges), paused, tokens, ts, f0, t0
+#   <ns>:z:<app>:<queue>         zset   tasks not yet ended, scored by ETA (statistics)
+#   <ns>:l:<app>:<queue>         zset   dispatch leases, scored by expiry (concurrency)
+#   <ns>:x:<app>:<queue>:<sec>   int    attempts finished in that second (statistics)
+#   <ns>:c:<app>                 hash   the app's deployed queue.yaml and its version
+#   <ns>:p:<app>                 set    the app's paused queues
+
 _RESERVE = """
 local s = redis.call('HGET', KEYS[1], 'state')
 if s then return s end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'tid', ARGV[1], 'eta', ARGV[2],
            'created', ARGV[3], 'retry', 0, 'exec', 0)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-return 'ok'
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[5])
+return 'ok:' .. (redis.call('HGET', KEYS[2], 'gen') or '0')
 """
 
 _CONFIRM = """
@@ -39,27 +49,48 @@ return 'ok'
 
 _RELEASE = """
 local r = redis.call('HMGET', KEYS[1], 'state', 'tid')
-if r[2] == ARGV[1] and r[1] == 'queued' then redis.call('DEL', KEYS[1]) end
+if r[2] == ARGV[1] and r[1] == 'queued' then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[2])
+end
 return 'ok'
 """
 
+# KEYS: task, queue state, queue zset. ARGV: tid, retry, exec, eta, created, gen, name, ttl
 _BEGIN = """
+local gen = tonumber(redis.call('HGET', KEYS[2], 'gen') or '0')
 local r = redis.call('HMGET', KEYS[1], 'state', 'tid', 'retry')
+if r[2] and r[2] ~= ARGV[1] then return 'stale' end
+if r[1] == 'completed' or r[1] == 'error' or r[1] == 'deleted' then return r[1] end
+if tonumber(ARGV[6]) < gen then
+  redis.call('HSET', KEYS[1], 'state', 'deleted', 'tid', ARGV[1], 'reason', 'purged')
+  redis.call('EXPIRE', KEYS[1], ARGV[8])
+  redis.call('ZREM', KEYS[3], ARGV[7])
+  return 'purged'
+end
 if not r[1] then
   redis.call('HSET', KEYS[1], 'state', 'running', 'tid', ARGV[1], 'retry', ARGV[2],
              'exec', ARGV[3], 'eta', ARGV[4], 'created', ARGV[5])
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[7])
   return 'go'
 end
-if r[2] ~= ARGV[1] then return 'stale' end
-if r[1] == 'completed' or r[1] == 'error' or r[1] == 'deleted' then return r[1] end
 if tonumber(ARGV[2]) < tonumber(r[3]) then return 'stale' end
 redis.call('HSET', KEYS[1], 'state', 'running', 'retry', ARGV[2], 'exec', ARGV[3])
 redis.call('PERSIST', KEYS[1])
 return 'go'
 """
 
-# ARGV: tid, new state, retry, exec, last response, reason, eta, ttl (0 = keep)
+# KEYS: task, queue zset, leases, attempts-per-second prefix (ARGV[12] ':' second appended)
+# ARGV: tid, new state, retry, exec, last response, reason, eta, ttl (0 = keep), name,
+#       lease, counts as an attempt (1/0), (unused)
 _RECORD = """
+if ARGV[10] ~= '' then redis.call('ZREM', KEYS[3], ARGV[10]) end
+if ARGV[11] == '1' then
+  local t = redis.call('TIME')
+  local k = KEYS[4] .. ':' .. t[1]
+  redis.call('INCR', k)
+  redis.call('EXPIRE', k, 120)
+end
 local r = redis.call('HMGET', KEYS[1], 'state', 'tid', 'retry')
 if r[2] and r[2] ~= ARGV[1] then return 'stale' end
 if r[1] == 'deleted' or r[1] == 'completed' or r[1] == 'error' then return r[1] end
@@ -71,6 +102,11 @@ end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'tid', ARGV[1], 'retry', ARGV[3],
            'exec', ARGV[4], 'last', ARGV[5], 'reason', ARGV[6], 'eta', ARGV[7])
 if tonumber(ARGV[8]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[8]) end
+if ARGV[2] == 'queued' then
+  redis.call('ZADD', KEYS[2], ARGV[7], ARGV[9])
+else
+  redis.call('ZREM', KEYS[2], ARGV[9])
+end
 return 'ok'
 """
 
@@ -80,7 +116,95 @@ if not s then return 'missing' end
 if s == 'completed' or s == 'error' or s == 'deleted' then return 'tombstoned' end
 redis.call('HSET', KEYS[1], 'state', 'deleted')
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
 return 'ok'
+"""
+
+# The cluster-wide gate before a dispatch: the queue's token bucket and its concurrency cap.
+# KEYS: queue state, leases. ARGV: rate (tokens/s), bucket size, max concurrent (0 = none),
+# lease id, lease seconds. Returns '0' (go; token taken, lease held), seconds to wait, or
+# 'paused'. Time is Redis's own, so every node sees one clock.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local m = redis.call('HMGET', KEYS[1], 'paused', 'tokens', 'ts', 'f0', 't0')
+local rate = tonumber(ARGV[1])
+if m[1] == '1' or rate <= 0 then return 'paused' end
+local bucket = tonumber(ARGV[2])
+local maxc = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if maxc > 0 and redis.call('ZCARD', KEYS[2]) >= maxc then return '0.05' end
+local f = 1
+if m[4] then f = math.min(1, tonumber(m[4]) + (now - tonumber(m[5])) / 60) end
+local erate = rate * f
+local tokens = bucket
+local ts = now
+if m[2] then tokens = tonumber(m[2]); ts = tonumber(m[3]) end
+tokens = math.min(bucket, tokens + math.max(0, now - ts) * erate)
+if tokens < 1 then
+  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+  return tostring((1 - tokens) / erate)
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - 1), 'ts', tostring(now))
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[4])
+return '0'
+"""
+
+_RENEW = """
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], 'XX', tonumber(t[1]) + tonumber(ARGV[2]), ARGV[1])
+return 'ok'
+"""
+
+# A 503 or 429 halves the queue's effective rate; it recovers linearly within a minute.
+_SLOW_DOWN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local m = redis.call('HMGET', KEYS[1], 'f0', 't0')
+local f = 1
+if m[1] then f = math.min(1, tonumber(m[1]) + (now - tonumber(m[2])) / 60) end
+redis.call('HSET', KEYS[1], 'f0', tostring(math.max(f / 2, 1 / 64)), 't0', tostring(now))
+return 'ok'
+"""
+
+_PURGE = """
+local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
+redis.call('DEL', KEYS[2])
+return tostring(gen)
+"""
+
+_PAUSE = """
+if ARGV[1] == '1' then
+  redis.call('SADD', KEYS[2], ARGV[2])
+  redis.call('HSET', KEYS[1], 'paused', '1')
+else
+  redis.call('SREM', KEYS[2], ARGV[2])
+  redis.call('HDEL', KEYS[1], 'paused')
+end
+return 'ok'
+"""
+
+# KEYS: queue zset, leases, queue state. ARGV: attempts-per-second prefix.
+_STATS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1])
+local tasks = redis.call('ZCARD', KEYS[1])
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local running = redis.call('ZCOUNT', KEYS[2], now, '+inf')
+local executed = 0
+for i = 0, 59 do
+  executed = executed + tonumber(redis.call('GET', ARGV[1] .. ':' .. (now - i)) or '0')
+end
+local m = redis.call('HMGET', KEYS[3], 'paused', 'f0', 't0', 'gen')
+local f = 1
+if m[2] then f = math.min(1, tonumber(m[2]) + (now - tonumber(m[3])) / 60) end
+return {tostring(tasks), oldest[2] or '', tostring(running), tostring(executed),
+        m[1] or '0', tostring(f), m[4] or '0'}
+"""
+
+_DEPLOY = """
+redis.call('HSET', KEYS[1], 'yaml', ARGV[1])
+return redis.call('HINCRBY', KEYS[1], 'version', 1)
 """
 
 
@@ -152,6 +276,9 @@ class RedisStore:
     def _key(self, app: str, queue: str, name: str) -> str:
         return task_key(self._ns, app, queue, name)
 
+    def _qkey(self, kind: str, app: str, queue: str) -> str:
+        return f"{self._ns}:{kind}:{app}:{queue}"
+
     async def _call(self, what: str, d: Deferred[Any]) -> Any:
         d.addTimeout(self._timeout, self._clock)
         try:
@@ -161,19 +288,22 @@ class RedisStore:
         except (txredisapi.ConnectionError, ConnectionError) as e:
             raise Unavailable("redis", f"{what}: {e}") from None
 
-    async def _script(self, script: _Script, keys: list[str], args: list[Any]) -> str:
+    async def _eval(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
         try:
-            result = await self._call("script", self._redis.evalsha(script.sha, keys, args))
+            return await self._call("script", self._redis.evalsha(script.sha, keys, args))
         except txredisapi.ScriptDoesNotExist:
-            result = await self._call("script", self._redis.eval(script.source, keys, args))
-        return _text(result)
+            return await self._call("script", self._redis.eval(script.source, keys, args))
 
-    async def reserve(self, task: Task) -> None:
+    async def _script(self, script: _Script, keys: list[str], args: list[Any]) -> str:
+        return _text(await self._eval(script, keys, args))
+
+    async def reserve(self, task: Task) -> int:
         key = self._key(task.app, task.queue, task.name)
-        args = [task.tid, repr(task.eta), repr(task.created), PENDING_TTL]
-        state = await self._script(RESERVE, [key], args)
-        if state == "ok":
-            return
+        keys = [key, self._qkey("m", task.app, task.queue), self._qkey("z", task.app, task.queue)]
+        args = [task.tid, repr(task.eta), repr(task.created), PENDING_TTL, task.name]
+        state = await self._script(RESERVE, keys, args)
+        if state.startswith("ok:"):
+            return int(state[3:])
         if state in ("queued", "running"):
             raise TaskQueueError(
                 "TASK_ALREADY_EXISTS", f"name: task {task.name!r} is already {state}"
@@ -186,17 +316,26 @@ class RedisStore:
         await self._script(CONFIRM, [self._key(task.app, task.queue, task.name)], [task.tid])
 
     async def release(self, task: Task) -> None:
-        await self._script(RELEASE, [self._key(task.app, task.queue, task.name)], [task.tid])
+        keys = [self._key(task.app, task.queue, task.name), self._qkey("z", task.app, task.queue)]
+        await self._script(RELEASE, keys, [task.tid, task.name])
 
     async def begin(self, task: Task) -> str:
-        key = self._key(task.app, task.queue, task.name)
-        args = [task.tid, task.retry_count, task.execution_count, repr(task.eta), repr(task.created)]
-        return await self._script(BEGIN, [key], args)
+        keys = [
+            self._key(task.app, task.queue, task.name),
+            self._qkey("m", task.app, task.queue),
+            self._qkey("z", task.app, task.queue),
+        ]
+        args = [task.tid, task.retry_count, task.execution_count, repr(task.eta),
+                repr(task.created), task.gen, task.name, self._tombstone]
+        return await self._script(BEGIN, keys, args)
 
     async def _record(
-        self, task: Task, state: str, status: int | None, reason: str, ttl: int
+        self, task: Task, state: str, status: int | None, reason: str, ttl: int,
+        lease: str = "", attempt: bool = True,
     ) -> str:
-        key = self._key(task.app, task.queue, task.name)
+        app, queue = task.app, task.queue
+        keys = [self._key(app, queue, task.name), self._qkey("z", app, queue),
+                self._qkey("l", app, queue), self._qkey("x", app, queue)]
         args = [
             task.tid,
             state,
@@ -206,20 +345,28 @@ class RedisStore:
             reason,
             repr(task.eta),
             ttl,
+            task.name,
+            lease,
+            "1" if attempt else "0",
         ]
-        return await self._script(RECORD, [key], args)
+        return await self._script(RECORD, keys, args)
 
-    async def record_success(self, task: Task, status: int) -> None:
-        await self._record(task, "completed", status, "", self._tombstone)
+    async def record_success(self, task: Task, status: int, lease: str = "") -> None:
+        await self._record(task, "completed", status, "", self._tombstone, lease)
 
-    async def record_retry(self, task: Task, status: int | None, reason: str) -> None:
-        await self._record(task, "queued", status, reason, 0)
+    async def record_retry(
+        self, task: Task, status: int | None, reason: str, lease: str = ""
+    ) -> None:
+        await self._record(task, "queued", status, reason, 0, lease)
 
-    async def record_failure(self, task: Task, status: int | None, reason: str) -> None:
-        await self._record(task, "error", status, reason, self._tombstone)
+    async def record_failure(
+        self, task: Task, status: int | None, reason: str, lease: str = ""
+    ) -> None:
+        await self._record(task, "error", status, reason, self._tombstone, lease)
 
     async def delete(self, app: str, queue: str, name: str) -> None:
-        result = await self._script(DELETE, [self._key(app, queue, name)], [self._tombstone])
+        keys = [self._key(app, queue, name), self._qkey("z", app, queue)]
+        result = await self._script(DELETE, keys, [self._tombstone, name])
         if result == "missing":
             raise TaskQueueError("UNKNOWN_TASK", f"name: no task {name!r} in queue {queue!r}")
         if result == "tombstoned":
@@ -234,7 +381,77 @@ class RedisStore:
     async def ping(self) -> None:
         await self._call("ping", self._redis.ping())
 
+    # --- queues --------------------------------------------------------------------------------
+    async def acquire(
+        self, app: str, queue: str, rate: float, bucket: int, max_concurrent: int | None,
+        lease: str, lease_seconds: float,
+    ) -> float | None:
+        """Take a token (and a concurrency slot): 0.0 = go, > 0 = wait that long, None = paused."""
+        keys = [self._qkey("m", app, queue), self._qkey("l", app, queue)]
+        args = [repr(float(rate)), bucket, max_concurrent or 0, lease, repr(float(lease_seconds))]
+        result = await self._script(ACQUIRE, keys, args)
+        return None if result == "paused" else float(result)
 
+    async def renew(self, app: str, queue: str, lease: str, lease_seconds: float) -> None:
+        await self._script(RENEW, [self._qkey("l", app, queue)], [lease, repr(lease_seconds)])
+
+    async def release_lease(self, app: str, queue: str, lease: str) -> None:
+        await self._call("zrem", self._redis.zrem(self._qkey("l", app, queue), lease))
+
+    async def slow_down(self, app: str, queue: str) -> None:
+        await self._script(SLOW_DOWN, [self._qkey("m", app, queue)], [])
+
+    async def purge(self, app: str, queue: str) -> int:
+        keys = [self._qkey("m", app, queue), self._qkey("z", app, queue)]
+        return int(await self._script(PURGE, keys, []))
+
+    async def set_paused(self, app: str, queue: str, paused: bool) -> None:
+        keys = [self._qkey("m", app, queue), f"{self._ns}:p:{app}"]
+        await self._script(PAUSE, keys, ["1" if paused else "0", queue])
+
+    async def paused_queues(self, app: str) -> set[str]:
+        members = await self._call("smembers", self._redis.smembers(f"{self._ns}:p:{app}"))
+        return {_text(m) for m in members}
+
+    async def queue_stats(self, app: str, queue: str) -> dict[str, Any]:
+        keys = [self._qkey("z", app, queue), self._qkey("l", app, queue),
+                self._qkey("m", app, queue)]
+        raw = [_text(v) for v in await self._eval(STATS, keys, [self._qkey("x", app, queue)])]
+        return {
+            "tasks": int(raw[0]),
+            "oldest_eta": float(raw[1]) if raw[1] else None,
+            "in_flight": int(raw[2]),
+            "executed_last_minute": int(raw[3]),
+            "paused": raw[4] == "1",
+            "rate_factor": float(raw[5]),
+            "purge_generation": int(raw[6]),
+        }
+
+    async def deploy_queue_yaml(self, app: str, text: str) -> int:
+        return int(await self._script(DEPLOY, [f"{self._ns}:c:{app}"], [text]))
+
+    async def queue_yaml(self, app: str) -> tuple[int, str | None]:
+        raw = await self._call(
+            "hmget", self._redis.hmget(f"{self._ns}:c:{app}", ["version", "yaml"])
+        )
+        version, text = raw
+        return (int(_text(version)) if version else 0), (_text(text) if text else None)
+
+    async def queue_yaml_versions(self, apps: list[str]) -> dict[str, int]:
+        out = {}
+        for app in apps:
+            raw = await self._call("hget", self._redis.hget(f"{self._ns}:c:{app}", "version"))
+            out[app] = int(_text(raw)) if raw else 0
+        return out
+
+
+ACQUIRE = _Script(_ACQUIRE)
+RENEW = _Script(_RENEW)
+SLOW_DOWN = _Script(_SLOW_DOWN)
+PURGE = _Script(_PURGE)
+PAUSE = _Script(_PAUSE)
+STATS = _Script(_STATS)
+DEPLOY = _Script(_DEPLOY)
 RESERVE = _Script(_RESERVE)
 CONFIRM = _Script(_CONFIRM)
 RELEASE = _Script(_RELEASE)

@@ -9,7 +9,7 @@ import attrs
 from twisted.application.service import IService
 from twisted.python import usage
 
-from appscale_tq.config import ConfigError, NodeConfig, config_from_mapping, load_config_file
+from appscale_tq.config import ConfigError, NodeConfig, check_config, load_config_file
 
 CONFIG_ENV = "APPSCALE_TQ_CONFIG"
 
@@ -39,9 +39,7 @@ class Options(usage.Options):
                 if self[opt]
             }
             if overrides:
-                merged = {**attrs.asdict(config, recurse=False), **overrides}
-                merged["apps"] = {app: {"lb_url": a.lb_url} for app, a in config.apps.items()}
-                config = config_from_mapping(merged)
+                config = check_config(attrs.evolve(config, **overrides))
         except ConfigError as e:
             raise usage.UsageError(f"bad config: {e}") from None
         self.node_config = config

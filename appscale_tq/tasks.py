@@ -67,6 +67,7 @@ class Task:
     retry_count: int = 0
     execution_count: int = 0
     first_attempt: float | None = None
+    gen: int = 0  # the queue's purge generation at enqueue: a later purge makes the task moot
     retry: RetryOptions = NO_OPTIONS
     deadline: float = DEFAULT_DEADLINE
     previous_response: int | None = None
@@ -296,6 +297,7 @@ def task_to_headers(task: Task) -> dict[str, Any]:
         "tq-queue": task.queue,
         "tq-name": task.name,
         "tq-tid": task.tid,
+        "tq-gen": task.gen,
         "tq-url": task.url,
         "tq-method": task.method,
         "tq-eta": repr(task.eta),
@@ -370,6 +372,7 @@ def task_from_headers(headers: Mapping[str, Any] | None, body: bytes) -> Task:
             queue=_text(headers, "tq-queue"),
             name=_text(headers, "tq-name"),
             tid=_text(headers, "tq-tid"),
+            gen=_int(headers, "tq-gen"),
             url=_text(headers, "tq-url"),
             method=_text(headers, "tq-method"),
             headers=pairs,

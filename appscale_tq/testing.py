@@ -40,6 +40,11 @@ class MemoryStore:
         self._tombstone = int(tombstone_seconds)
         self._records: dict[Key, _Record] = {}
         self.down = False
+        self.gens: dict[tuple[str, str], int] = {}
+        self.paused: dict[str, set[str]] = {}
+        self.slowed: list[tuple[str, str]] = []
+        self.leases: dict[tuple[str, str], set[str]] = {}
+        self.yamls: dict[str, tuple[int, str]] = {}
 
     # --- helpers -------------------------------------------------------------------------------
     def _check(self, what: str) -> None:
@@ -80,7 +85,7 @@ class MemoryStore:
         return None if record is None else record.expires
 
     # --- IStore --------------------------------------------------------------------------------
-    async def reserve(self, task: Task) -> None:
+    async def reserve(self, task: Task) -> int:
         self._check("reserve")
         key = self._key(task)
         record = self._live(key)
@@ -96,7 +101,7 @@ class MemoryStore:
                 exec=0,
             )
             self._expire(record, PENDING_TTL)
-            return
+            return self.gens.get((task.app, task.queue), 0)
         if state in ("queued", "running"):
             raise TaskQueueError(
                 "TASK_ALREADY_EXISTS", f"name: task {task.name!r} is already {state}"
@@ -128,6 +133,14 @@ class MemoryStore:
         key = self._key(task)
         record = self._live(key)
         state = record.fields.get("state") if record is not None else None
+        if record is not None and record.fields.get("tid") not in (None, task.tid):
+            return STALE
+        if state in _TERMINAL:
+            return state
+        if task.gen < self.gens.get((task.app, task.queue), 0):
+            record = self._hset(key, state="deleted", tid=task.tid, reason="purged")
+            self._expire(record, self._tombstone)
+            return "purged"
         if record is None or state is None:
             self._hset(
                 key,
@@ -178,16 +191,26 @@ class MemoryStore:
             self._expire(record, ttl)
         return "ok"
 
-    async def record_success(self, task: Task, status: int) -> None:
+    def _drop_lease(self, task: Task, lease: str) -> None:
+        self.leases.get((task.app, task.queue), set()).discard(lease)
+
+    async def record_success(self, task: Task, status: int, lease: str = "") -> None:
         self._check("record_success")
+        self._drop_lease(task, lease)
         self._record(task, "completed", status, "", self._tombstone)
 
-    async def record_retry(self, task: Task, status: int | None, reason: str) -> None:
+    async def record_retry(
+        self, task: Task, status: int | None, reason: str, lease: str = ""
+    ) -> None:
         self._check("record_retry")
+        self._drop_lease(task, lease)
         self._record(task, "queued", status, reason, 0)
 
-    async def record_failure(self, task: Task, status: int | None, reason: str) -> None:
+    async def record_failure(
+        self, task: Task, status: int | None, reason: str, lease: str = ""
+    ) -> None:
         self._check("record_failure")
+        self._drop_lease(task, lease)
         self._record(task, "error", status, reason, self._tombstone)
 
     async def delete(self, app: str, queue: str, name: str) -> None:
@@ -210,6 +233,78 @@ class MemoryStore:
 
     async def ping(self) -> None:
         self._check("ping")
+
+    # --- queues (no token arithmetic: a paused or rate-0 queue waits, any other goes) ----------
+    async def acquire(
+        self, app: str, queue: str, rate: float, bucket: int, max_concurrent: int | None,
+        lease: str, lease_seconds: float,
+    ) -> float | None:
+        self._check("acquire")
+        if queue in self.paused.get(app, set()) or rate <= 0:
+            return None
+        held = self.leases.setdefault((app, queue), set())
+        if max_concurrent and len(held) >= max_concurrent:
+            return 0.05
+        held.add(lease)
+        return 0.0
+
+    async def renew(self, app: str, queue: str, lease: str, lease_seconds: float) -> None:
+        self._check("renew")
+
+    async def release_lease(self, app: str, queue: str, lease: str) -> None:
+        self._check("release_lease")
+        self.leases.get((app, queue), set()).discard(lease)
+
+    async def slow_down(self, app: str, queue: str) -> None:
+        self._check("slow_down")
+        self.slowed.append((app, queue))
+
+    async def purge(self, app: str, queue: str) -> int:
+        self._check("purge")
+        self.gens[(app, queue)] = self.gens.get((app, queue), 0) + 1
+        return self.gens[(app, queue)]
+
+    async def set_paused(self, app: str, queue: str, paused: bool) -> None:
+        self._check("set_paused")
+        names = self.paused.setdefault(app, set())
+        (names.add if paused else names.discard)(queue)
+
+    async def paused_queues(self, app: str) -> set[str]:
+        self._check("paused_queues")
+        return set(self.paused.get(app, set()))
+
+    async def queue_stats(self, app: str, queue: str) -> dict[str, Any]:
+        self._check("queue_stats")
+        live = [
+            r for (a, q, _), r in list(self._records.items())
+            if a == app and q == queue and self._live((a, q, _)) is not None
+            and r.fields.get("state") in ("queued", "running")
+        ]
+        etas = [float(r.fields.get("eta", "0")) for r in live]
+        return {
+            "tasks": len(live),
+            "oldest_eta": min(etas) if etas else None,
+            "in_flight": len(self.leases.get((app, queue), set())),
+            "executed_last_minute": 0,
+            "paused": queue in self.paused.get(app, set()),
+            "rate_factor": 1.0,
+            "purge_generation": self.gens.get((app, queue), 0),
+        }
+
+    async def deploy_queue_yaml(self, app: str, text: str) -> int:
+        self._check("deploy_queue_yaml")
+        version = self.yamls.get(app, (0, ""))[0] + 1
+        self.yamls[app] = (version, text)
+        return version
+
+    async def queue_yaml(self, app: str) -> tuple[int, str | None]:
+        self._check("queue_yaml")
+        version, text = self.yamls.get(app, (0, None))
+        return version, text
+
+    async def queue_yaml_versions(self, apps: list[str]) -> dict[str, int]:
+        self._check("queue_yaml_versions")
+        return {app: self.yamls.get(app, (0, ""))[0] for app in apps}
 
 
 class FakeDelivery:

@@ -85,6 +85,9 @@ class API(Resource):
             status, body = e.status, e.body
         except TaskQueueError as e:
             status, body = e.http_status, e.as_json()
+            errors = getattr(e, "errors", None)
+            if errors:
+                body["error"]["errors"] = list(errors)
         except Unavailable as e:
             status, body = 503, e.as_task_queue_error().as_json()
         except Exception:
@@ -121,6 +124,31 @@ class API(Resource):
             checks = await self._health()
             ok = all(v == "ok" for v in checks.values())
             return (200 if ok else 503), checks
+        if path[:2] == ["v1", "apps"] and len(path) == 4 and path[3] == "queue.yaml":
+            self._authorize(request)
+            self._allow(method, "PUT", "POST")
+            raw = request.content.read() if request.content else b""
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise HTTPError(400, "INVALID_REQUEST", "body: queue.yaml is not UTF-8") from None
+            return 200, await self._tq.deploy(path[2], text)
+        if path[:2] == ["v1", "apps"] and len(path) == 4 and path[3] == "queues":
+            self._authorize(request)
+            self._allow(method, "GET")
+            return 200, {"queues": await self._tq.list_queues(path[2])}
+        if path[:2] == ["v1", "apps"] and len(path) == 5 and path[3] == "queues":
+            self._authorize(request)
+            app, queue = path[2], path[4]
+            for action, call in ((":pause", "pause"), (":resume", "resume"), (":purge", "purge")):
+                if queue.endswith(action):
+                    self._allow(method, "POST")
+                    queue = queue[: -len(action)]
+                    if call == "purge":
+                        return 200, await self._tq.purge(app, queue)
+                    return 200, await self._tq.set_paused(app, queue, call == "pause")
+            self._allow(method, "GET")
+            return 200, await self._tq.queue_info(app, queue)
         if path[:2] == ["v1", "apps"] and len(path) >= 5 and path[3] == "queues":
             self._authorize(request)
             app, queue, rest = path[2], path[4], path[5:]

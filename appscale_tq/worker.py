@@ -12,9 +12,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from appscale_tq.backoff import RetryOptions, may_retry, retry_delay
@@ -27,6 +27,10 @@ T = TypeVar("T")
 
 STORE_RETRY_MIN = 0.5
 STORE_RETRY_MAX = 5.0
+# A dispatch holds a concurrency lease this long, renewed while the request runs, so a node
+# that dies mid-dispatch frees its slot within a minute.
+LEASE_SECONDS = 60.0
+PAUSED_RECHECK = 1.0
 
 
 def _no_queue_options(app: str, queue: str) -> RetryOptions:
@@ -44,6 +48,8 @@ class Worker:
         short_wait: float = 2.0,
         random: Callable[[], float] = random.random,
         queue_options: Callable[[str, str], RetryOptions] = _no_queue_options,
+        registry: Any = None,
+        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
         self._clock = clock
         self._broker = broker
@@ -52,6 +58,9 @@ class Worker:
         self._short_wait = short_wait
         self._random = random
         self._queue_options = queue_options
+        self._registry = registry
+        self._lease_seconds = lease_seconds
+        self._gate_locks: dict[tuple[str, str], DeferredLock] = {}
         self._in_flight: set[Deferred[None]] = set()
         self.stats = WorkerStats()
 
@@ -127,23 +136,46 @@ class Worker:
             return
         if wait > 0:
             await self._sleep(wait)
+        lease = ""
+        if self._registry is not None:
+            gate = await self._gate(task)
+            if gate is None:  # paused, rate 0 or queue gone: back to the broker's queue
+                await self._sleep(PAUSED_RECHECK)
+                delivery.requeue()
+                return
+            if isinstance(gate, float):  # no token for a while: wait in the broker
+                if await self._publish(task, gate, delivery):
+                    delivery.ack()
+                return
+            lease = gate
         verdict = await self._durably("begin", lambda: self._store.begin(task))
         if verdict != GO:
             log.debug("skipping {name}: {verdict}", name=task.name, verdict=verdict)
             self.stats.skipped += 1
+            if lease:
+                await self._release(task, lease)
             delivery.ack()
             return
         started = self._clock.seconds()
         first = task.first_attempt if task.first_attempt is not None else started
-        outcome = await self._dispatcher.dispatch(task)
+        outcome = await self._dispatch(task, lease)
         self.stats.dispatched += 1
         if outcome.ok:
             done = attrs.evolve(task, execution_count=task.execution_count + 1, first_attempt=first)
-            await self._durably("success", lambda: self._store.record_success(done, outcome.status))
+            await self._durably(
+                "success", lambda: self._store.record_success(done, outcome.status, lease=lease)
+            )
             self.stats.succeeded += 1
             delivery.ack()
             return
         self.stats.failed += 1
+        if lease:
+            await self._release(task, lease)
+        if outcome.status in (429, 503) and self._registry is not None:
+            try:
+                await self._store.slow_down(task.app, task.queue)
+            except Unavailable:
+                pass
         failures = task.retry_count + 1
         tried = attrs.evolve(
             task,
@@ -180,6 +212,67 @@ class Worker:
         )
         self.stats.retried += 1
         delivery.ack()
+
+    async def _gate(self, task: Task) -> str | float | None:
+        """Wait for the queue's token and concurrency slot (cluster-wide, in the store).
+
+        Returns the lease id to dispatch under; a float, the seconds until a token when that
+        is longer than a short wait; or None when the queue does not dispatch now. One waiter
+        per queue per node asks the store at a time, so waiting deliveries cost no traffic.
+        """
+        q = self._registry.queue(task.app, task.queue)
+        if q is None or q.mode != "push" or not q.rate:
+            return None
+        key = (task.app, task.queue)
+        lock = self._gate_locks.get(key)
+        if lock is None:
+            lock = self._gate_locks[key] = DeferredLock()
+        lease = f"{task.tid}:{task.retry_count}"
+        await lock.acquire()
+        try:
+            while True:
+                q = self._registry.queue(task.app, task.queue)
+                if q is None or q.mode != "push" or not q.rate:
+                    return None
+                wait = await self._durably(
+                    "acquire",
+                    lambda q=q: self._store.acquire(
+                        task.app, task.queue, q.rate, q.bucket_size, q.max_concurrent_requests,
+                        lease, self._lease_seconds,
+                    ),
+                )
+                if wait is None:
+                    return None
+                if wait <= 0:
+                    return lease
+                if wait > self._short_wait:
+                    return float(wait)
+                await self._sleep(wait)
+        finally:
+            lock.release()
+
+    async def _dispatch(self, task: Task, lease: str) -> Any:
+        if not lease:
+            return await self._dispatcher.dispatch(task)
+        renewal = LoopingCall(self._renew, task, lease)
+        renewal.clock = self._clock
+        renewal.start(self._lease_seconds / 3, now=False)
+        try:
+            return await self._dispatcher.dispatch(task)
+        finally:
+            renewal.stop()
+
+    def _renew(self, task: Task, lease: str) -> Deferred[None]:
+        d = Deferred.fromCoroutine(
+            self._store.renew(task.app, task.queue, lease, self._lease_seconds)
+        )
+        return d.addErrback(lambda f: log.warn("lease renewal failed: {e}", e=f.getErrorMessage()))
+
+    async def _release(self, task: Task, lease: str) -> None:
+        try:
+            await self._store.release_lease(task.app, task.queue, lease)
+        except Unavailable:
+            pass  # the lease expires by itself
 
     async def _publish(self, task: Task, delay: float, delivery: Any) -> bool:
         try:

@@ -38,9 +38,9 @@ class LoggingStore(MemoryStore):
         if what in self.failing:
             raise Unavailable("redis", f"{what} fails in this test")
 
-    async def reserve(self, task: Task) -> None:
+    async def reserve(self, task: Task) -> int:
         self._enter("reserve")
-        await super().reserve(task)
+        return await super().reserve(task)
 
     async def confirm(self, task: Task) -> None:
         self._enter("confirm")
@@ -90,7 +90,7 @@ class APITestCase(SynchronousTestCase):
 class AddTests(APITestCase):
     def test_reserve_publish_confirm(self) -> None:
         task = self.task(name="t", countdown=42)
-        self.assertIs(self.successResultOf(self.add(task)), task)
+        self.assertEqual(self.successResultOf(self.add(task)), task)
         self.assertEqual(self.log, ["reserve", "publish", "confirm"])
         self.assertEqual(self.broker.published, [(task, 42.0)])
         self.assertEqual(self.store.fields(APP, QUEUE, "t")["state"], "queued")
@@ -133,7 +133,7 @@ class AddTests(APITestCase):
     def test_confirm_failure_still_returns_the_task(self) -> None:
         task = self.task(name="t")
         self.store.failing.add("confirm")
-        self.assertIs(self.successResultOf(self.add(task)), task)
+        self.assertEqual(self.successResultOf(self.add(task)), task)
         self.assertEqual(self.log, ["reserve", "publish", "confirm"])
         self.assertEqual(self.broker.published, [(task, 0.0)])
 

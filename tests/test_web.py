@@ -478,7 +478,6 @@ class OperationsTests(WebTestCase):
             "/nope",
             "/v1",
             "/v1/apps/myapp",
-            "/v1/apps/myapp/queues/default",
             "/v1/apps/myapp/queues/default/other",
             "/v1/apps/myapp/queues/default/tasks/a/b",
             "/v1/apps/myapp/stacks/default/tasks",

@@ -174,6 +174,10 @@ def listen_port(config: NodeConfig) -> int:
     return int(config.listen.split(":")[1])
 
 
+# App Engine's default queue dispatches 5/s; most tests want tasks to flow at once.
+FAST_QUEUES = "queue:\n- name: default\n  rate: 500/s\n  bucket_size: 500\n"
+
+
 class InProcessNode:
     """One node built by build_service, running on this test's reactor."""
 
@@ -185,11 +189,18 @@ class InProcessNode:
         self.node = self.service.node
         self.running = False
 
-    async def start(self) -> None:
+    async def start(self, queue_yaml: str | None = FAST_QUEUES) -> None:
         self.service.startService()
         self.running = True
         await self.node.broker.service.whenConnected()
         await wait_for(lambda: self.node.broker.connected, 10, "the broker connection")
+        if queue_yaml is not None:
+            for app in self.config.apps:
+                await self.node.tq.deploy(app, queue_yaml)
+            await wait_for(lambda: all(
+                self.node.broker.work_queue(app, q) in self.node.broker._consumer_tags
+                for app in self.config.apps for q in self.node.registry.consumed_queues(app)
+            ), 10, "consumers")
 
     async def stop(self) -> None:
         if self.running:
@@ -259,6 +270,9 @@ def node_process(amqp_url: str, redis_url: str, apps: AppServers, app_id: str) -
 
     made: list[NodeProcess] = []
     workdir = tempfile.mkdtemp(prefix="tq-node-")
+    queue_yaml = os.path.join(workdir, "queue.yaml")
+    with open(queue_yaml, "w") as f:
+        f.write(FAST_QUEUES)
 
     def make() -> NodeProcess:
         port = free_port()
@@ -269,7 +283,7 @@ def node_process(amqp_url: str, redis_url: str, apps: AppServers, app_id: str) -
                 "amqp_url": amqp_url,
                 "redis_url": redis_url,
                 "namespace": f"tq-{RUN}",
-                "apps": {app_id: {"lb_url": apps.lb_url}},
+                "apps": {app_id: {"lb_url": apps.lb_url, "queue_yaml": queue_yaml}},
             }, f)
         proc = NodeProcess(path, port, os.path.join(workdir, f"node-{port}.log"))
         made.append(proc)
