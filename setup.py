@@ -15,9 +15,11 @@ setup(
         "pyyaml>=6",
         "attrs>=23.1",
         "zope.interface>=6",
+        "protobuf>=4.21",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "coverage>=7", "wheel"],
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "coverage>=7", "wheel",
+                 "appengine-python-standard>=3.1"],
     },
     entry_points={"console_scripts": ["appscale-tq = appscale_tq.cli:main"]},
 )

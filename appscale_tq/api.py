@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
+import yaml
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -41,6 +42,7 @@ class TaskQueue:
         self._broker = broker
         self._token = token
         self._limits = Limits(max_task_bytes=config.max_task_bytes)
+        self._declared: set[tuple[str, str]] = set()  # work queues this node declared
 
     # --- names ---------------------------------------------------------------------------------
     def check_queue(self, app: str, queue: str) -> None:
@@ -71,7 +73,33 @@ class TaskQueue:
         )
         return task
 
+    async def _ensure_work_queue(self, app: str, queue: str) -> None:
+        """Declare a push queue's work queue on this node before its first enqueue or purge.
+
+        A node that learned a queue from a queue.yaml file or from another node and does not
+        consume it (rate 0/s, paused) never declared it: the broker would return every message
+        unroutable (503 forever), and purging a missing queue closes the AMQP channel.
+        """
+        if self._registry is None or (app, queue) in self._declared:
+            return
+        if (app, queue) in self._broker.consuming():
+            return  # consuming declares it (on every connect)
+        await self._declare_work_queue(app, queue)
+
+    async def _declare_work_queue(self, app: str, queue: str) -> None:
+        """Declare now, bounded by the AMQP timeout; Unavailable if the broker does not answer."""
+        declared = Deferred.fromCoroutine(self._broker.ensure_queue(app, queue))
+        declared.addTimeout(self._config.amqp_timeout, self._clock)
+        try:
+            await declared
+        except Unavailable:
+            raise
+        except Exception as e:
+            raise Unavailable("rabbitmq", f"could not declare queue {queue!r}: {e!r}") from None
+        self._declared.add((app, queue))
+
     async def add(self, task: Task) -> Task:
+        await self._ensure_work_queue(task.app, task.queue)
         gen = await self._store.reserve(task)
         task = attrs.evolve(task, gen=gen or 0)
         try:
@@ -160,9 +188,17 @@ class TaskQueue:
         config = await self._require_registry().deploy(app, text)
         body = config.as_dict()
         if self._broker is not None:
+            # The deployment is stored and in force; a work queue the broker could not declare
+            # now is declared by its consumer or its first enqueue instead.
             for name, q in config.queues.items():
-                if q.mode == "push":
-                    await self._broker.ensure_queue(app, name)
+                if q.mode != "push":
+                    continue
+                try:
+                    await self._declare_work_queue(app, name)
+                except Unavailable as e:
+                    log.warn("deployed {app}'s queue.yaml; queue {queue} is declared later: {e}",
+                             app=app, queue=name, e=str(e))
+                    break  # the broker is away: the other queues would wait as long
         return body
 
     async def queue_info(self, app: str, queue: str) -> dict[str, Any]:
@@ -191,9 +227,25 @@ class TaskQueue:
             "retry_parameters": q.retry.as_dict(),
             "tasks": stats["tasks"],
             "oldest_eta": rfc3339(stats["oldest_eta"]) if stats["oldest_eta"] else None,
+            "oldest_eta_seconds": stats["oldest_eta"],
             "in_flight": stats["in_flight"],
             "executed_last_minute": stats["executed_last_minute"],
         }
+
+    async def update_queue(self, app: str, definition: dict[str, Any]) -> dict[str, Any]:
+        """Create or replace one queue of the app's deployed queue.yaml (the SDK's UpdateQueue)."""
+        self.check_app(app)
+        _, text = await self._store.queue_yaml(app)
+        try:
+            document = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            document = None
+        if not isinstance(document, dict):
+            document = {}
+        queues = [q for q in document.get("queue") or []
+                  if not (isinstance(q, dict) and q.get("name") == definition["name"])]
+        document["queue"] = queues + [definition]
+        return await self.deploy(app, yaml.safe_dump(document, sort_keys=False))
 
     async def list_queues(self, app: str) -> list[dict[str, Any]]:
         self.check_app(app)
@@ -206,14 +258,25 @@ class TaskQueue:
         return await self.queue_info(app, queue)
 
     async def purge(self, app: str, queue: str) -> dict[str, Any]:
-        """Tasks enqueued before now never run, wherever they wait."""
+        """Tasks enqueued before now never run, wherever they wait.
+
+        The broker's ready messages are dropped first, then the store's purge generation moves
+        on (and ends the queued records): a task enqueued meanwhile either got the old
+        generation (its record ends purged, any copy is skipped) or the new one, whose message
+        the broker purge can no longer reach. The other order lost such tasks, queued forever.
+        """
         self.check_queue(app, queue)
-        await self._store.purge(app, queue)
+        q = self._registry.queue(app, queue) if self._registry is not None else None
         try:
-            await self._broker.purge(app, queue)
-        except Unavailable as e:
-            log.warn("purged {queue} in the store; the broker copy waits: {e}", queue=queue,
-                     e=str(e))
+            if q is None or q.mode == "push":  # a pull queue has no work queue in the broker
+                await self._ensure_work_queue(app, queue)
+                dropped = Deferred.fromCoroutine(self._broker.purge(app, queue))
+                dropped.addTimeout(self._config.amqp_timeout, self._clock)
+                await dropped
+        except Exception as e:  # best effort: the purge generation stops every copy anyway
+            log.warn("could not drop {queue}'s messages in the broker; the purge generation "
+                     "skips them: {e}", queue=queue, e=str(e))
+        await self._store.purge(app, queue)
         return await self.queue_info(app, queue)
 
 

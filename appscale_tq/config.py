@@ -46,6 +46,8 @@ class AppConfig:
     targets: Mapping[str, str] = attrs.field(factory=dict)
     # a queue.yaml file deployed for the app when the node starts
     queue_yaml: str | None = None
+    # an endpoint of the App Engine SDK protocol for this app alone (the port tells the app)
+    sdk_listen: str | None = None
 
 
 @attrs.frozen
@@ -77,6 +79,8 @@ class NodeConfig:
     namespace: str = "tq"
     # App Engine caps a queue's rate at 500/s; operators may raise the cap.
     max_queue_rate: float = 500.0
+    # Accept AppScale's legacy "POST /" calls that name their app in an AppData header.
+    trust_appdata: bool = False
     # How often a node looks for a new queue.yaml deployment or paused queues.
     queue_poll_seconds: float = 1.0
 
@@ -131,6 +135,12 @@ def _number(
     return int(value) if integer else float(value)
 
 
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false, not {value!r}")
+    return value
+
+
 def _string(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(key, f"must be a non-empty string, not {value!r}")
@@ -162,7 +172,7 @@ def _apps(value: Any) -> dict[str, AppConfig]:
             settings = {}
         if not isinstance(settings, Mapping):
             raise ConfigError(f"apps.{app}", "must be a mapping")
-        known = ("lb_url", "targets", "queue_yaml")
+        known = ("lb_url", "targets", "queue_yaml", "sdk_listen")
         unknown = sorted(str(k) for k in settings if k not in known)  # YAML keys: any type
         if unknown:
             raise ConfigError(f"apps.{app}.{unknown[0]}", f"unknown key; known: {', '.join(known)}")
@@ -179,7 +189,11 @@ def _apps(value: Any) -> dict[str, AppConfig]:
         queue_yaml = settings.get("queue_yaml")
         if queue_yaml is not None:
             queue_yaml = _string(f"apps.{app}.queue_yaml", queue_yaml)
-        apps[app] = AppConfig(lb_url=lb_url, targets=checked_targets, queue_yaml=queue_yaml)
+        sdk_listen = settings.get("sdk_listen")
+        if sdk_listen is not None:
+            sdk_listen = _string(f"apps.{app}.sdk_listen", sdk_listen)
+        apps[app] = AppConfig(lb_url=lb_url, targets=checked_targets, queue_yaml=queue_yaml,
+                              sdk_listen=sdk_listen)
     return apps
 
 
@@ -199,6 +213,7 @@ _FIELDS = {
     "amqp_timeout": lambda k, v: _number(k, v, minimum=0.1, maximum=MAX_TIMEOUT),
     "namespace": lambda k, v: _namespace(k, v),
     "max_queue_rate": lambda k, v: _number(k, v, minimum=0.001, maximum=1e6),
+    "trust_appdata": lambda k, v: _bool(k, v),
     "queue_poll_seconds": lambda k, v: _number(k, v, minimum=0.05, maximum=60),
 }
 

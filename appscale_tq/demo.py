@@ -164,7 +164,8 @@ class Child:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                say(f"demo: {self.label} (pid {self.pid}) did not stop in {timeout:g} s; killing it")
+                say(f"demo: {self.label} (pid {self.pid}) did not stop in {timeout:g} s; "
+                    "killing it")
                 self.process.kill()
                 self.process.wait()
 
@@ -211,8 +212,9 @@ class Cluster:
         assert self.lb.process is not None
         say(f"demo: HAProxy on {self.lb.url}/ -> ports "
             f"{', '.join(map(str, self.app_ports))} (pid {self.lb.process.pid})")
-        self.node = Child("the node", self._node_argv(), self.workdir / "node.log", self.workdir)
-        say(f"demo: node `{' '.join(['twistd', *self._node_argv()[1:]])}` (pid {self.node.pid}), "
+        argv = self._node_argv()
+        self.node = Child("the node", argv, self.workdir / "node.log", self.workdir)
+        say(f"demo: node `{' '.join(['twistd', *argv[1:]])}` (pid {self.node.pid}), "
             f"log {self.node.log}")
         self._wait_healthy()
         say(f"demo: node healthy at {self.api}/healthz")
@@ -249,20 +251,21 @@ class Cluster:
             if not self.node.alive():
                 raise DemoError(
                     f"the node exited with status {self.node.process.returncode} before it "
-                    f"became healthy.\n{_NEEDS}\nLast lines of its log ({self.node.log}):\n"
+                    f"became healthy. Last lines of its log ({self.node.log}):\n"
                     f"{tail(self.node.log)}"
                 )
+            checks: Any = None
             try:
-                status, body = http("GET", f"{self.api}/healthz", timeout=2.0)
+                status, checks = http("GET", f"{self.api}/healthz", timeout=2.0)
                 if status == 200:
                     return
-                last = f"{status} {json.dumps(body)}"
+                last = f"{status} {json.dumps(checks)}"
             except OSError as e:
                 last = f"no answer ({getattr(e, 'reason', e)})"
             if time.monotonic() > deadline:
                 raise DemoError(
                     f"the node was not healthy within {HEALTH_TIMEOUT:g} s; last "
-                    f"GET /healthz: {last}.\n{_NEEDS}\nLast lines of its log "
+                    f"GET /healthz: {last}.\n{_diagnosis(checks)}\nLast lines of its log "
                     f"({self.node.log}):\n{tail(self.node.log)}"
                 )
             time.sleep(0.5)
@@ -284,10 +287,22 @@ class Cluster:
             child.stop()
 
 
-_NEEDS = (
-    "The node needs RabbitMQ on 127.0.0.1:5672 (user guest/guest) and Redis on "
-    "127.0.0.1:6379. Are both running? (try: rabbitmqctl status; redis-cli ping)"
-)
+_NEEDS = {
+    "rabbitmq": "RabbitMQ on 127.0.0.1:5672 (user guest/guest; try: rabbitmqctl status)",
+    "redis": "Redis on 127.0.0.1:6379 (try: redis-cli ping)",
+}
+
+
+def _diagnosis(checks: Any) -> str:
+    """Which of RabbitMQ / Redis the node could not reach, from its /healthz answer."""
+    failing = []
+    if isinstance(checks, dict):
+        failing = [name for name, state in checks.items() if state != "ok" and name in _NEEDS]
+    if failing:
+        return "The node cannot reach " + " nor ".join(
+            f"{_NEEDS[name]} ({checks[name]})" for name in failing
+        ) + ". Is it running?"
+    return f"The node needs {_NEEDS['rabbitmq']} and {_NEEDS['redis']}. Are both running?"
 
 
 # --- the tour ----------------------------------------------------------------------------------
@@ -305,9 +320,27 @@ class Tour:
         self.foreign = 0  # deliveries of tasks this run did not enqueue
         self.named = ""
 
+    def queue_note(self) -> str:
+        """How fast the queue dispatches, if the node says (App Engine's default: 5/s)."""
+        try:
+            status, info = http("GET", f"{self.cluster.api}/v1/apps/{APP}/queues/{QUEUE}")
+        except OSError:
+            return ""
+        if status != 200 or not isinstance(info, dict) or not info.get("rate"):
+            return ""
+        defaults = " (App Engine's defaults)" if (info["rate"], info.get("bucket_size")) == (
+            "5/s", 5) else ""
+        note = (f"\ndemo: queue {QUEUE!r} dispatches at rate {info['rate']}, bucket_size "
+                f"{info.get('bucket_size')}{defaults}: a batch trickles out")
+        waiting = info.get("tasks")
+        if isinstance(waiting, int) and waiting > 0:
+            note += (f"\ndemo: note: {waiting} task(s) from earlier runs still wait in this "
+                     "queue; they may go first")
+        return note
+
     def enqueue(self) -> None:
         say()
-        say(f"demo: enqueueing through {self.tasks_url}")
+        say(f"demo: enqueueing through {self.tasks_url}{self.queue_note()}")
         self._add("plain", {"url": "/demo/plain", "payload": PAYLOAD})
         self.named = f"demo-hello-{secrets.token_hex(3)}"
         self._add("named", {"name": self.named, "url": "/demo/hello", "payload": PAYLOAD})
@@ -320,7 +353,8 @@ class Tour:
             if "error" in result:
                 raise DemoError(f"batch task {i} was refused: {result['error']}")
             self._record(f"batch[{i}]", result["name"], started, 1)
-            say(f"  enqueue  {'batch[' + str(i) + ']':<10} {result['name']:<37} -> {status} (batch)")
+            kind = f"batch[{i}]"
+            say(f"  enqueue  {kind:<10} {result['name']:<37} -> {status} (batch)")
         self._add("countdown", {"url": "/demo/later", "payload": "3 s later", "countdown": 3},
                   note="(due in 3 s)")
         self._add("flaky", {"url": "/demo/flaky?fail=1", "payload": "fails once"}, expected=2,

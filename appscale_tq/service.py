@@ -17,6 +17,8 @@ from appscale_tq.config import NodeConfig
 from appscale_tq.dispatch import Dispatcher
 from appscale_tq.errors import Unavailable
 from appscale_tq.registry import QueueRegistry
+from appscale_tq.sdk import SDKService
+from appscale_tq.sdkweb import Root, SDKResource
 from appscale_tq.store import RedisStore
 from appscale_tq.web import build_root
 from appscale_tq.worker import Worker
@@ -139,7 +141,10 @@ class Node:
             registry=self.registry,
         )
         self.tq = TaskQueue(reactor, config, self.store, self.broker, registry=self.registry)
-        self.root = build_root(self.tq, self.health, config.secret)
+        self.api = build_root(self.tq, self.health, config.secret)
+        self.sdk = SDKService(self.tq, reactor)
+        self.root = Root(self.api, SDKResource(
+            self.sdk, config.apps, secret=config.secret, trust_appdata=config.trust_appdata))
 
     async def health(self) -> dict[str, str]:
         checks = {"rabbitmq": "ok" if self.broker.connected else "not connected"}
@@ -173,6 +178,11 @@ def build_service(config: NodeConfig, reactor: Any) -> service.MultiService:
     site.noisy = False
     web = strports.service(config.listen, site)
     web.setServiceParent(top)
+    for app, conf in config.apps.items():
+        if conf.sdk_listen:
+            sdk_site = Site(SDKResource(node.sdk, config.apps, app=app))
+            sdk_site.noisy = False
+            strports.service(conf.sdk_listen, sdk_site).setServiceParent(top)
     log.info("appscale-tq node: API on {listen}, apps {apps}", listen=config.listen,
              apps=", ".join(sorted(config.apps)))
     return top

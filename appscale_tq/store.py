@@ -20,6 +20,9 @@ log = Logger()
 # A reservation that the broker never confirmed frees itself after this long.
 PENDING_TTL = 300
 
+# ACQUIRE's answer for a task that a purge made moot.
+PURGED = "purged"
+
 # Keys (the second part tells the kind; queue and task names hold no ':'):
 #   <ns>:t:<app>:<queue>:<name>  hash   a task's record
 #   <ns>:m:<app>:<queue>         hash   queue state: gen (purges), paused, tokens, ts, f0, t0
@@ -122,12 +125,14 @@ return 'ok'
 
 # The cluster-wide gate before a dispatch: the queue's token bucket and its concurrency cap.
 # KEYS: queue state, leases. ARGV: rate (tokens/s), bucket size, max concurrent (0 = none),
-# lease id, lease seconds. Returns '0' (go; token taken, lease held), seconds to wait, or
-# 'paused'. Time is Redis's own, so every node sees one clock.
+# lease id, lease seconds, the task's purge generation. Returns '0' (go; token taken, lease
+# held), seconds to wait, 'paused', or 'purged' (the task is from before the queue's last
+# purge: no token is spent on it). Time is Redis's own, so every node sees one clock.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local m = redis.call('HMGET', KEYS[1], 'paused', 'tokens', 'ts', 'f0', 't0')
+local m = redis.call('HMGET', KEYS[1], 'paused', 'tokens', 'ts', 'f0', 't0', 'gen')
+if tonumber(ARGV[6]) < tonumber(m[6] or '0') then return 'purged' end
 local rate = tonumber(ARGV[1])
 if m[1] == '1' or rate <= 0 then return 'paused' end
 local bucket = tonumber(ARGV[2])
@@ -167,8 +172,19 @@ redis.call('HSET', KEYS[1], 'f0', tostring(math.max(f / 2, 1 / 64)), 't0', tostr
 return 'ok'
 """
 
+# KEYS: queue state, queue zset. ARGV: the queue's task key prefix, tombstone seconds.
+# Tasks still queued end as deleted (reason purged): their messages are dropped from the
+# broker or skipped by begin() (older generation), so nothing else would ever end them.
+# Running ones are left to record their outcome. O(tasks in the queue).
 _PURGE = """
 local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
+for _, name in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local k = ARGV[1] .. name
+  if redis.call('HGET', k, 'state') == 'queued' then
+    redis.call('HSET', k, 'state', 'deleted', 'reason', 'purged')
+    redis.call('EXPIRE', k, ARGV[2])
+  end
+end
 redis.call('DEL', KEYS[2])
 return tostring(gen)
 """
@@ -385,12 +401,23 @@ class RedisStore:
     async def acquire(
         self, app: str, queue: str, rate: float, bucket: int, max_concurrent: int | None,
         lease: str, lease_seconds: float,
-    ) -> float | None:
-        """Take a token (and a concurrency slot): 0.0 = go, > 0 = wait that long, None = paused."""
+    ) -> float | str | None:
+        """Take a token (and a concurrency slot): 0.0 = go, > 0 = wait that long, None = paused,
+        PURGED = the task is from before the queue's last purge (nothing taken).
+
+        A lease id may end in ``:<purge generation>`` of its task (the worker's do); without
+        one the task counts as current.
+        """
         keys = [self._qkey("m", app, queue), self._qkey("l", app, queue)]
-        args = [repr(float(rate)), bucket, max_concurrent or 0, lease, repr(float(lease_seconds))]
+        gen = lease.rsplit(":", 1)[-1] if ":" in lease else "0"
+        args = [repr(float(rate)), bucket, max_concurrent or 0, lease, repr(float(lease_seconds)),
+                gen if gen.isascii() and gen.isdigit() else "0"]
         result = await self._script(ACQUIRE, keys, args)
-        return None if result == "paused" else float(result)
+        if result == "paused":
+            return None
+        if result == PURGED:
+            return PURGED
+        return float(result)
 
     async def renew(self, app: str, queue: str, lease: str, lease_seconds: float) -> None:
         await self._script(RENEW, [self._qkey("l", app, queue)], [lease, repr(lease_seconds)])
@@ -403,7 +430,8 @@ class RedisStore:
 
     async def purge(self, app: str, queue: str) -> int:
         keys = [self._qkey("m", app, queue), self._qkey("z", app, queue)]
-        return int(await self._script(PURGE, keys, []))
+        prefix = task_key(self._ns, app, queue, "")
+        return int(await self._script(PURGE, keys, [prefix, self._tombstone]))
 
     async def set_paused(self, app: str, queue: str, paused: bool) -> None:
         keys = [self._qkey("m", app, queue), f"{self._ns}:p:{app}"]
@@ -458,4 +486,4 @@ RELEASE = _Script(_RELEASE)
 BEGIN = _Script(_BEGIN)
 RECORD = _Script(_RECORD)
 DELETE = _Script(_DELETE)
-__all__ = ["RedisStore", "GO", "STALE", "record_view", "task_key"]
+__all__ = ["RedisStore", "GO", "PURGED", "STALE", "record_view", "task_key"]

@@ -353,10 +353,28 @@ class FakeBroker:
         self.down = False
         self.hold = False
         self.held: list[Deferred[None]] = []
+        self.purged: list[tuple[str, str]] = []
+        self.ensured: list[tuple[str, str]] = []
 
     @property
     def connected(self) -> bool:
         return not self.down
+
+    def consuming(self) -> set[tuple[str, str]]:
+        return set(self.handlers)
+
+    def stop(self, app: str, queue: str) -> None:
+        self.handlers.pop((app, queue), None)
+
+    async def ensure_queue(self, app: str, queue: str) -> None:
+        if self.down:
+            raise Unavailable("rabbitmq", "the fake broker is down")
+        self.ensured.append((app, queue))
+
+    async def purge(self, app: str, queue: str) -> None:
+        if self.down:
+            raise Unavailable("rabbitmq", "the fake broker is down")
+        self.purged.append((app, queue))
 
     async def publish(self, task: Task, delay: float = 0.0) -> None:
         if self.down:

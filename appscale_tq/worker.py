@@ -31,6 +31,10 @@ STORE_RETRY_MAX = 5.0
 # that dies mid-dispatch frees its slot within a minute.
 LEASE_SECONDS = 60.0
 PAUSED_RECHECK = 1.0
+# A delivery waits this long at most, unacked, for its queue's token or concurrency slot (a
+# slot can stay taken for a whole dispatch deadline); then it waits in the broker instead, far
+# from RabbitMQ's consumer_timeout (DESIGN invariant 5).
+MAX_GATE_HOLD = 60.0
 
 
 def _no_queue_options(app: str, queue: str) -> RetryOptions:
@@ -216,8 +220,10 @@ class Worker:
     async def _gate(self, task: Task) -> str | float | None:
         """Wait for the queue's token and concurrency slot (cluster-wide, in the store).
 
-        Returns the lease id to dispatch under; a float, the seconds until a token when that
-        is longer than a short wait; or None when the queue does not dispatch now. One waiter
+        Returns the lease id to dispatch under; a float, the seconds to wait in the broker
+        when a token is further off than a short wait or the delivery was held MAX_GATE_HOLD
+        seconds already (lock included); or None when the queue does not dispatch now; "" (no
+        lease, no token) for a task from before a purge, which begin() then drops. One waiter
         per queue per node asks the store at a time, so waiting deliveries cost no traffic.
         """
         q = self._registry.queue(task.app, task.queue)
@@ -227,7 +233,9 @@ class Worker:
         lock = self._gate_locks.get(key)
         if lock is None:
             lock = self._gate_locks[key] = DeferredLock()
-        lease = f"{task.tid}:{task.retry_count}"
+        # ends in the task's purge generation: the store spends no token on a purged task
+        lease = f"{task.tid}:{task.retry_count}:{task.gen}"
+        started = self._clock.seconds()
         await lock.acquire()
         try:
             while True:
@@ -243,10 +251,14 @@ class Worker:
                 )
                 if wait is None:
                     return None
+                if wait == "purged":
+                    return ""
                 if wait <= 0:
                     return lease
                 if wait > self._short_wait:
                     return float(wait)
+                if self._clock.seconds() - started + wait > MAX_GATE_HOLD:
+                    return float(max(wait, self._short_wait))  # held long enough: the broker
                 await self._sleep(wait)
         finally:
             lock.release()

@@ -1,7 +1,8 @@
 """End-to-end benchmark of one appscale-tq node: enqueue through the API, time the deliveries.
 
     python bench/e2e.py [-n 10000] [--clients 32] [--batch 1] [--fail-first P] [--rate R]
-                        [--prefetch N] [--timeout S] [--py-spy FILE] [--json FILE] [--keep]
+                        [--prefetch N] [--queue-rate R] [--timeout S] [--py-spy FILE]
+                        [--json FILE] [--csv FILE] [--keep]
 
 A benchmark, not a test: it starts everything it measures and stops it again (also on Ctrl-C):
 
@@ -9,7 +10,12 @@ A benchmark, not a test: it starts everything it measures and stops it again (al
 - HAProxy on a free port in front of them,
 - a node, ``twistd -n --pidfile= appscale-tq --config <generated>``: API on a free port, its own
   namespace ``bench-<random>`` (own AMQP queues, own Redis keys) and its own app id mapped to
-  that HAProxy. RabbitMQ and Redis are the local ones of the default config.
+  that HAProxy. RabbitMQ and Redis are the local ones of the default config. Its queue.yaml
+  (deployed through the API) gives the queue a rate of ``--queue-rate`` (default 100000/s, i.e.
+  no throttling: the bench measures the node, not App Engine's 5/s default bucket).
+
+At the end the run's AMQP queues and exchanges and its Redis keys are deleted (``--keep`` keeps
+them and the logs).
 
 ``--clients`` concurrent clients (Twisted + treq, one request in flight each) enqueue N tasks
 through ``POST /v1/apps/<app>/queues/default/tasks`` (or ``tasks:batch`` with ``--batch``). Each
@@ -167,6 +173,8 @@ class Rig:
         ]
         if self.args.prefetch is not None:
             lines.append(f"prefetch: {self.args.prefetch}")
+        if self.args.queue_rate > 500:  # App Engine's cap, the node's default max_queue_rate
+            lines.append(f"max_queue_rate: {self.args.queue_rate:g}")
         config.write_text("\n".join(lines) + "\n", encoding="utf-8")
         twistd = str(Path(sys.executable).parent / "twistd")
         self.node = Child("the node", [twistd, "-n", "--pidfile=", "appscale-tq",
@@ -187,9 +195,30 @@ class Rig:
                     f"Redis running?\n{self.node.tail()}"
                 )
             time.sleep(0.2)
+        self.deploy_queue_yaml()
         say(f"bench: node pid {self.node.pid}, API {self.api}, app {self.app!r}, "
             f"namespace {self.namespace!r}, LB :{lb_port} -> {self.app_ports}, "
             f"workdir {self.workdir}")
+
+    def deploy_queue_yaml(self) -> None:
+        """The bench queue's rate: high by default, so the benchmark measures the node, not
+        the queue's token bucket (App Engine's default queue is 5/s)."""
+        text = (
+            "queue:\n"
+            f"- name: {QUEUE}\n"
+            f"  rate: {self.args.queue_rate:g}/s\n"
+            f"  bucket_size: {self.args.bucket_size}\n"
+        )
+        request = urllib.request.Request(
+            f"{self.api}/v1/apps/{self.app}/queue.yaml", data=text.encode(), method="PUT",
+            headers={"Content-Type": "application/yaml"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                response.read()
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"deploying queue.yaml answered {e.code}: {e.read()[:500]!r}")
+        self.queue_yaml = text
 
     def start_spy(self, output: str) -> None:
         assert self.node is not None
@@ -238,8 +267,15 @@ class Rig:
         for child in self.apps:
             child.stop()
 
+    def delete_redis_keys(self) -> None:
+        """Remove the run's Redis keys (task records expire anyway; queue metadata would not)."""
+        try:
+            delete_redis_keys(self.args.redis_url, f"{self.namespace}:*")
+        except (OSError, RuntimeError, ValueError) as e:
+            say(f"bench: could not clean up Redis keys {self.namespace}:*: {e}")
+
     def delete_broker_objects(self) -> None:
-        """Remove the run's queues and exchanges (its Redis keys expire by themselves)."""
+        """Remove the run's queues and exchanges."""
         import pika
 
         levels = 22
@@ -269,6 +305,50 @@ class Rig:
                     pass
         finally:
             connection.close()
+
+
+def delete_redis_keys(url: str, pattern: str) -> int:
+    """SCAN + DEL every key matching ``pattern``: a few lines of RESP over a plain socket."""
+    import socket
+
+    from appscale_tq.config import parse_redis_url
+
+    address = parse_redis_url(url)
+    with socket.create_connection((address.host, address.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+
+        def command(*parts: str | bytes) -> Any:
+            out = [b"*%d\r\n" % len(parts)]
+            for part in parts:
+                data = part.encode() if isinstance(part, str) else part
+                out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+            sock.sendall(b"".join(out))
+            return reply()
+
+        def reply() -> Any:
+            line = reader.readline().rstrip(b"\r\n")
+            kind, rest = line[:1], line[1:]
+            if kind in (b"+", b":"):
+                return int(rest) if kind == b":" else rest
+            if kind == b"-":
+                raise RuntimeError(rest.decode("utf-8", "replace"))
+            if kind == b"$":
+                size = int(rest)
+                return None if size < 0 else reader.read(size + 2)[:-2]
+            if kind == b"*":
+                return [reply() for _ in range(int(rest))]
+            raise RuntimeError(f"unexpected Redis reply {line[:40]!r}")
+
+        if address.password:
+            command("AUTH", address.password)
+        command("SELECT", str(address.db))
+        cursor, deleted = b"0", 0
+        while True:
+            cursor, keys = command("SCAN", cursor, "MATCH", pattern, "COUNT", "1000")
+            if keys:
+                deleted += command("DEL", *keys)
+            if cursor == b"0":
+                return deleted
 
 
 # --- the load (inside the reactor) -------------------------------------------------------------
@@ -444,6 +524,16 @@ class Run:
         stats["wall_run"] = time.time() - wall0
         return self.figures(complete, stats)
 
+    def write_csv(self, path: str) -> None:
+        """One row per accepted task: index, enqueue time, first delivery, deliveries."""
+        with open(path, "w", encoding="utf-8") as out:
+            out.write("i,fail_first,enqueued,first_delivery,success,deliveries\n")
+            for i in sorted(self.accepted):
+                first = self.first.get(i)
+                out.write(f"{i},{int(i in self.failing)},{self.sent.get(i, '')},"
+                          f"{'' if first is None else first},{self.success.get(i, '')},"
+                          f"{self.count.get(i, 0)}\n")
+
     def figures(self, complete: bool, node: dict[str, float]) -> dict[str, Any]:
         accepted = len(self.accepted)
         lat = sorted((self.first[i] - self.sent[i]) * 1000 for i in self.accepted
@@ -464,6 +554,8 @@ class Run:
             "batch": self.args.batch,
             "rate": self.args.rate,
             "prefetch": self.args.prefetch,
+            "queue_rate": self.args.queue_rate,
+            "bucket_size": self.args.bucket_size,
             "fail_first_tasks": len(self.failing & self.accepted),
             "enqueue_seconds": enqueue_s,
             "enqueue_rate": accepted / enqueue_s if enqueue_s > 0 else math.nan,
@@ -505,6 +597,7 @@ def table(f: dict[str, Any]) -> str:
         ("clients / batch / rate", f"{f['clients']} / {f['batch']} / "
          f"{f['rate'] or 'unpaced'}" + (f" tasks/s" if f["rate"] else "")),
         ("node prefetch", "config default" if f["prefetch"] is None else str(f["prefetch"])),
+        ("queue rate / bucket", f"{f['queue_rate']:g}/s / {f['bucket_size']}"),
         ("fail-first tasks", f"{f['fail_first_tasks']}"),
         ("enqueue rate", f"{f['enqueue_rate']:.0f} tasks/s ({f['enqueue_seconds']:.2f} s)"),
         ("end-to-end", f"{f['e2e_rate']:.0f} tasks/s (first enqueue -> last first delivery, "
@@ -549,6 +642,11 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="pace the enqueue at R tasks/s (default: as fast as possible)")
     p.add_argument("--prefetch", type=int, default=None,
                    help="the node's prefetch (default: the config default)")
+    p.add_argument("--queue-rate", type=float, default=100_000.0, metavar="R",
+                   help="the bench queue's rate in queue.yaml, tasks/s (default 100000: no "
+                   "throttling; App Engine's maximum is 500)")
+    p.add_argument("--bucket-size", type=int, default=500,
+                   help="the bench queue's bucket_size in queue.yaml (default 500, the maximum)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds after the enqueue phase before missing tasks count as lost")
     p.add_argument("--settle", type=float, default=1.0,
@@ -559,13 +657,18 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="profile the node with py-spy during the run (.svg flamegraph, "
                    ".json speedscope, anything else raw collapsed stacks)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the figures here")
+    p.add_argument("--csv", metavar="FILE", default=None,
+                   help="also write one row per task (enqueue and delivery times) here")
     p.add_argument("--keep", action="store_true",
-                   help="keep the work directory (logs) and the run's RabbitMQ queues")
+                   help="keep the work directory (logs), the run's RabbitMQ queues and its "
+                   "Redis keys")
     args = p.parse_args(list(argv))
     if args.n < 1 or args.clients < 1 or not 1 <= args.batch <= 100:
         p.error("-n and --clients must be >= 1, --batch in 1..100")
     if args.rate is not None and args.rate <= 0:
         p.error("--rate must be > 0")
+    if args.queue_rate <= 0 or not 1 <= args.bucket_size <= 500:
+        p.error("--queue-rate must be > 0, --bucket-size in 1..500")
     if not 0 <= args.fail_first <= 100:
         p.error("--fail-first must be a percentage")
     return args
@@ -603,6 +706,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(table(result))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        if args.csv:
+            run.write_csv(args.csv)
         if args.py_spy:
             say(f"bench: py-spy profile of the node in {args.py_spy}")
         return 0 if result["lost"] == 0 and not result["refused"] else 1
@@ -617,9 +722,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         rig.stop()
         if args.keep:
-            say(f"bench: kept {rig.workdir} and RabbitMQ objects {rig.namespace}.*")
+            say(f"bench: kept {rig.workdir}, RabbitMQ objects {rig.namespace}.* and Redis keys "
+                f"{rig.namespace}:*")
         else:
             rig.delete_broker_objects()
+            rig.delete_redis_keys()
             import shutil
 
             shutil.rmtree(rig.workdir, ignore_errors=True)

@@ -306,3 +306,63 @@ async def wait_healthy(port: int, timeout: float = 20) -> None:
             pass
         await sleep(0.2)
     raise AssertionError(f"node on port {port} not healthy within {timeout} s")
+
+
+# --- queue.yaml helpers (several nodes, deployments) ------------------------------------------
+
+
+async def deploy_yaml(client: Client, text: str | bytes) -> tuple[int, Any]:
+    """PUT an app's queue.yaml (the raw YAML body) through a node's API."""
+    raw = text.encode("utf-8") if isinstance(text, str) else text
+    return await client.request("PUT", f"/v1/apps/{client.app}/queue.yaml", raw=raw)
+
+
+def client_for(node: InProcessNode, app: str, app_servers: AppServers) -> Client:
+    return Client(f"http://127.0.0.1:{listen_port(node.config)}", app, app_servers)
+
+
+def consuming_now(node: InProcessNode, app: str, queue: str) -> bool:
+    """The node consumes the queue: wanted, and the broker answered basic.consume."""
+    broker = node.node.broker
+    return (app, queue) in broker.consuming() and bool(
+        broker._consumer_tags.get(broker.work_queue(app, queue)))
+
+
+def in_sync(node: InProcessNode, leader: InProcessNode) -> bool:
+    """The node saw the leader's deployments and consumes every queue that dispatches."""
+    registry = node.node.registry
+    return all(
+        registry.versions.get(app, 0) >= leader.node.registry.versions.get(app, 0)
+        and all(consuming_now(node, app, q) for q in registry.consumed_queues(app))
+        for app in node.config.apps
+    )
+
+
+@pytest_twisted.async_yield_fixture
+async def cluster(amqp_url: str, redis_url: str, apps: AppServers, app_id: str) -> Any:
+    """Factory of in-process nodes sharing this test's app: ``await cluster(yaml, count=3)``.
+
+    The first node deploys ``queue_yaml`` (to every app of its config); the others only see it
+    through the store, as in production. ``app_configs`` replaces the config's ``apps``.
+    """
+    made: list[InProcessNode] = []
+
+    async def start(queue_yaml: str | None = FAST_QUEUES, count: int = 1,
+                    app_configs: dict[str, AppConfig] | None = None,
+                    **overrides: Any) -> list[InProcessNode]:
+        nodes: list[InProcessNode] = []
+        for i in range(count):
+            kw = dict(overrides)
+            if app_configs is not None:
+                kw["apps"] = app_configs
+            running = InProcessNode(node_config(amqp_url, redis_url, apps.lb_url, app_id, **kw))
+            made.append(running)
+            await running.start(queue_yaml=queue_yaml if i == 0 else None)
+            nodes.append(running)
+        for running in nodes[1:]:
+            await wait_for(lambda r=running: in_sync(r, nodes[0]), 10, "a node to see the queues")
+        return nodes
+
+    yield start
+    for running in reversed(made):
+        await running.stop()
