@@ -79,6 +79,8 @@ class NodeConfig:
     namespace: str = "tq"
     # App Engine caps a queue's rate at 500/s; operators may raise the cap.
     max_queue_rate: float = 500.0
+    # Log every API request (twisted.web's access log); costs a few % of CPU at high rates.
+    access_log: bool = False
     # Accept AppScale's legacy "POST /" calls that name their app in an AppData header.
     trust_appdata: bool = False
     # How often a node looks for a new queue.yaml deployment or paused queues.
@@ -214,6 +216,7 @@ _FIELDS = {
     "namespace": lambda k, v: _namespace(k, v),
     "max_queue_rate": lambda k, v: _number(k, v, minimum=0.001, maximum=1e6),
     "trust_appdata": lambda k, v: _bool(k, v),
+    "access_log": lambda k, v: _bool(k, v),
     "queue_poll_seconds": lambda k, v: _number(k, v, minimum=0.05, maximum=60),
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import uuid
 from collections.abc import Callable
@@ -38,8 +39,14 @@ def is_app_id(app: str) -> bool:
     return APP_ID.fullmatch(app) is not None
 
 
+# 64 random bits per process, then a counter: unique cluster-wide (a clash needs two processes
+# drawing the same prefix), and without a getrandom call per task.
+_PREFIX = uuid.uuid4().hex[:16]
+_COUNTER = itertools.count(1)
+
+
 def new_token() -> str:
-    return uuid.uuid4().hex
+    return f"{_PREFIX}{next(_COUNTER):016x}"
 
 
 def generate_task_name(token: Callable[[], str] = new_token) -> str:

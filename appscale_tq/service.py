@@ -14,7 +14,7 @@ from twisted.web.server import Site
 from appscale_tq.amqp import AMQPBroker
 from appscale_tq.api import TaskQueue
 from appscale_tq.config import NodeConfig
-from appscale_tq.dispatch import Dispatcher
+from appscale_tq.dispatch import AgentClient, Dispatcher
 from appscale_tq.errors import Unavailable
 from appscale_tq.registry import QueueRegistry
 from appscale_tq.sdk import SDKService
@@ -97,8 +97,6 @@ class Node:
     """All parts of one node, reachable for tests and the operations endpoints."""
 
     def __init__(self, config: NodeConfig, reactor: Any) -> None:
-        from treq.client import HTTPClient
-
         self.config = config
         self.reactor = reactor
         redis = config.redis
@@ -121,7 +119,7 @@ class Node:
         )
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = config.prefetch
-        self.http = HTTPClient(Agent(reactor, pool=pool))
+        self.http = AgentClient(Agent(reactor, pool=pool))
         self.pool = pool
         self.registry = QueueRegistry(
             reactor, self.store, config.apps, poll_seconds=config.queue_poll_seconds,
@@ -175,6 +173,8 @@ def build_service(config: NodeConfig, reactor: Any) -> service.MultiService:
     node.broker.service.setServiceParent(top)
     WorkerService(node).setServiceParent(top)
     site = Site(node.root)
+    if not config.access_log:
+        site.log = lambda request: None  # type: ignore[method-assign]
     site.noisy = False
     web = strports.service(config.listen, site)
     web.setServiceParent(top)

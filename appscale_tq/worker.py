@@ -31,6 +31,7 @@ STORE_RETRY_MAX = 5.0
 # that dies mid-dispatch frees its slot within a minute.
 LEASE_SECONDS = 60.0
 PAUSED_RECHECK = 1.0
+GATE_POLL = 0.25
 # A delivery waits this long at most, unacked, for its queue's token or concurrency slot (a
 # slot can stay taken for a whole dispatch deadline); then it waits in the broker instead, far
 # from RabbitMQ's consumer_timeout (DESIGN invariant 5).
@@ -226,42 +227,52 @@ class Worker:
         lease, no token) for a task from before a purge, which begin() then drops. One waiter
         per queue per node asks the store at a time, so waiting deliveries cost no traffic.
         """
-        q = self._registry.queue(task.app, task.queue)
-        if q is None or q.mode != "push" or not q.rate:
-            return None
+        # ends in the task's purge generation: the store spends no token on a purged task
+        lease = f"{task.tid}:{task.retry_count}:{task.gen}"
+        started = self._clock.seconds()
+        # First ask at once: while the bucket has tokens every delivery takes one without
+        # waiting for the others. Only deliveries told to wait queue up behind the lock.
+        outcome = await self._ask_gate(task, lease)
+        if not isinstance(outcome, _Wait):
+            return outcome
         key = (task.app, task.queue)
         lock = self._gate_locks.get(key)
         if lock is None:
             lock = self._gate_locks[key] = DeferredLock()
-        # ends in the task's purge generation: the store spends no token on a purged task
-        lease = f"{task.tid}:{task.retry_count}:{task.gen}"
-        started = self._clock.seconds()
         await lock.acquire()
         try:
             while True:
-                q = self._registry.queue(task.app, task.queue)
-                if q is None or q.mode != "push" or not q.rate:
-                    return None
-                wait = await self._durably(
-                    "acquire",
-                    lambda q=q: self._store.acquire(
-                        task.app, task.queue, q.rate, q.bucket_size, q.max_concurrent_requests,
-                        lease, self._lease_seconds,
-                    ),
-                )
-                if wait is None:
-                    return None
-                if wait == "purged":
-                    return ""
-                if wait <= 0:
-                    return lease
-                if wait > self._short_wait:
-                    return float(wait)
-                if self._clock.seconds() - started + wait > MAX_GATE_HOLD:
-                    return float(max(wait, self._short_wait))  # held long enough: the broker
-                await self._sleep(wait)
+                if outcome.seconds > self._short_wait:
+                    return outcome.seconds
+                if self._clock.seconds() - started + outcome.seconds > MAX_GATE_HOLD:
+                    # held long enough: wait in the broker
+                    return float(max(outcome.seconds, self._short_wait))
+                # short naps, so a purge, pause or redeploy reaches a waiting delivery quickly
+                await self._sleep(min(outcome.seconds, GATE_POLL))
+                outcome = await self._ask_gate(task, lease)
+                if not isinstance(outcome, _Wait):
+                    return outcome
         finally:
             lock.release()
+
+    async def _ask_gate(self, task: Task, lease: str) -> str | _Wait | None:
+        q = self._registry.queue(task.app, task.queue)
+        if q is None or q.mode != "push" or not q.rate:
+            return None
+        wait = await self._durably(
+            "acquire",
+            lambda: self._store.acquire(
+                task.app, task.queue, q.rate, q.bucket_size, q.max_concurrent_requests,
+                lease, self._lease_seconds,
+            ),
+        )
+        if wait is None:
+            return None
+        if wait == "purged":
+            return ""
+        if wait <= 0:
+            return lease
+        return _Wait(float(wait))
 
     async def _dispatch(self, task: Task, lease: str) -> Any:
         if not lease:
@@ -296,6 +307,11 @@ class Worker:
             await self._sleep(1.0)
             delivery.requeue()
             return False
+
+
+@attrs.frozen
+class _Wait:
+    seconds: float
 
 
 @attrs.define
