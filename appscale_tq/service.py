@@ -68,7 +68,7 @@ class WorkerService(service.Service):
                 text = f.read()
             while self.running:
                 try:
-                    await self.node.registry.deploy(app, text)
+                    await self.node.tq.deploy(app, text)
                     break
                 except Unavailable as e:
                     log.warn("waiting to deploy {path}: {e}", path=conf.queue_yaml, e=str(e))
