@@ -1,7 +1,7 @@
 """End-to-end benchmark of one appscale-tq node: enqueue through the API, time the deliveries.
 
     python bench/e2e.py [-n 10000] [--clients 32] [--batch 1] [--fail-first P] [--rate R]
-                        [--prefetch N] [--queue-rate R] [--timeout S] [--py-spy FILE]
+                        [--prefetch N] [--queues N] [--queue-rate R] [--timeout S] [--py-spy FILE]
                         [--json FILE] [--csv FILE] [--keep]
 
 A benchmark, not a test: it starts everything it measures and stops it again (also on Ctrl-C):
@@ -56,6 +56,11 @@ from appscale_tq.haproxy import HAProxyProcess, free_port
 
 HOST = "127.0.0.1"
 QUEUE = "default"
+
+
+def queue_names(count: int) -> list[str]:
+    """The bench's queues: ``default`` and, with --queues N, q1 .. q(N-1)."""
+    return [QUEUE] + [f"q{k}" for k in range(1, count)]
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 20.0
 POLL_INTERVAL = 0.5
@@ -203,11 +208,11 @@ class Rig:
     def deploy_queue_yaml(self) -> None:
         """The bench queue's rate: high by default, so the benchmark measures the node, not
         the queue's token bucket (App Engine's default queue is 5/s)."""
-        text = (
-            "queue:\n"
-            f"- name: {QUEUE}\n"
+        text = "queue:\n" + "".join(
+            f"- name: {name}\n"
             f"  rate: {self.args.queue_rate:g}/s\n"
             f"  bucket_size: {self.args.bucket_size}\n"
+            for name in queue_names(self.args.queues)
         )
         request = urllib.request.Request(
             f"{self.api}/v1/apps/{self.app}/queue.yaml", data=text.encode(), method="PUT",
@@ -279,7 +284,7 @@ class Rig:
         import pika
 
         levels = 22
-        queues = [f"{self.namespace}.q.{self.app}.{QUEUE}"]
+        queues = [f"{self.namespace}.q.{self.app}.{q}" for q in queue_names(self.args.queues)]
         queues += [f"{self.namespace}.delay.{k}" for k in range(levels)]
         exchanges = [f"{self.namespace}.delay.{k}" for k in range(levels)]
         exchanges.append(f"{self.namespace}.arrive")
@@ -440,9 +445,14 @@ class Run:
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = self.args.clients
         http = HTTPClient(Agent(reactor, pool=pool))
-        tasks_url = f"{self.rig.api}/v1/apps/{self.rig.app}/queues/{QUEUE}/tasks"
+        names = queue_names(self.args.queues)
         self.t_start = time.time()
-        clients = [ensureDeferred(self.client(http, tasks_url)) for _ in range(self.args.clients)]
+        # client k enqueues into queue k mod --queues
+        clients = [
+            ensureDeferred(self.client(
+                http, f"{self.rig.api}/v1/apps/{self.rig.app}/queues/{names[k % len(names)]}/tasks"))
+            for k in range(self.args.clients)
+        ]
         results = await DeferredList(clients, consumeErrors=True)
         self.t_enqueued = time.time()
         await pool.closeCachedConnections()
@@ -555,6 +565,7 @@ class Run:
             "rate": self.args.rate,
             "prefetch": self.args.prefetch,
             "queue_rate": self.args.queue_rate,
+            "queues": self.args.queues,
             "bucket_size": self.args.bucket_size,
             "fail_first_tasks": len(self.failing & self.accepted),
             "enqueue_seconds": enqueue_s,
@@ -597,7 +608,8 @@ def table(f: dict[str, Any]) -> str:
         ("clients / batch / rate", f"{f['clients']} / {f['batch']} / "
          f"{f['rate'] or 'unpaced'}" + (f" tasks/s" if f["rate"] else "")),
         ("node prefetch", "config default" if f["prefetch"] is None else str(f["prefetch"])),
-        ("queue rate / bucket", f"{f['queue_rate']:g}/s / {f['bucket_size']}"),
+        ("queues x rate / bucket",
+         f"{f['queues']} x {f['queue_rate']:g}/s / {f['bucket_size']}"),
         ("fail-first tasks", f"{f['fail_first_tasks']}"),
         ("enqueue rate", f"{f['enqueue_rate']:.0f} tasks/s ({f['enqueue_seconds']:.2f} s)"),
         ("end-to-end", f"{f['e2e_rate']:.0f} tasks/s (first enqueue -> last first delivery, "
@@ -645,6 +657,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--queue-rate", type=float, default=100_000.0, metavar="R",
                    help="the bench queue's rate in queue.yaml, tasks/s (default 100000: no "
                    "throttling; App Engine's maximum is 500)")
+    p.add_argument("--queues", type=int, default=1,
+                   help="spread the tasks over this many queues, each with --queue-rate (1)")
     p.add_argument("--bucket-size", type=int, default=500,
                    help="the bench queue's bucket_size in queue.yaml (default 500, the maximum)")
     p.add_argument("--timeout", type=float, default=60.0,

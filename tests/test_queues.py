@@ -29,7 +29,6 @@ from appscale_tq.queues import (
 )
 
 DATA = Path(__file__).resolve().parent / "data" / "queue-yaml"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "queue-yaml"
 SAMPLES = [f"Q{i}.yaml" for i in range(1, 11)]
 
 
@@ -61,12 +60,6 @@ def never_random():
 
 def test_the_repo_holds_all_ten_samples():
     assert sorted(p.name for p in DATA.glob("*.yaml")) == sorted(SAMPLES)
-
-
-@pytest.mark.skipif(not SHARED.is_dir(), reason="the shared folder is not here (CI)")
-@pytest.mark.parametrize("name", SAMPLES)
-def test_repo_copies_match_the_shared_samples(name):
-    assert (DATA / name).read_bytes() == (SHARED / name).read_bytes()
 
 
 @pytest.mark.parametrize("name", SAMPLES)
