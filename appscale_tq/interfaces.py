@@ -4,11 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from zope.interface import Attribute, Interface
 
 # Verdicts of IStore.begin
 GO = "go"
 STALE = "stale"  # an older copy of a task that has moved on (retried or re-enqueued)
+
+
+@attrs.frozen
+class Gate:
+    """A queue's limits and the lease a dispatch takes under them (see IStore.begin)."""
+
+    rate: float
+    bucket_size: int
+    max_concurrent: int | None
+    lease: str
+    lease_seconds: float
 
 
 class IStore(Interface):
@@ -24,8 +36,9 @@ class IStore(Interface):
     async def release(task: Any) -> None:
         """The publish failed: free the name again."""
 
-    async def begin(task: Any) -> str:
-        """Before dispatch: GO, STALE, or the terminal state that makes the copy moot."""
+    async def begin(task: Any, gate: Any = None) -> str:
+        """Before dispatch: GO, STALE, or the terminal state that makes the copy moot; with a
+        Gate, also takes the queue's token and slot: 'paused' or 'wait:<seconds>' if none."""
 
     async def record_success(task: Any, status: int) -> None:
         """Completed: the name is tombstoned."""

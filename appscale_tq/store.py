@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from appscale_tq.errors import TaskQueueError, Unavailable
-from appscale_tq.interfaces import GO, STALE, IStore
+from appscale_tq.interfaces import GO, STALE, Gate, IStore
 from appscale_tq.tasks import Task
 
 log = Logger()
@@ -60,6 +60,10 @@ return 'ok'
 """
 
 # KEYS: task, queue state, queue zset. ARGV: tid, retry, exec, eta, created, gen, name, ttl
+# KEYS: task, queue state, queue zset[, leases]. ARGV: tid, retry, exec, eta, created, gen,
+# name, tombstone ttl[, rate, bucket size, max concurrent (0 = none), lease, lease seconds].
+# With the gate arguments it also takes the queue's token and concurrency slot, in the same
+# atomic step (one round trip per dispatch): 'paused', or 'wait:<seconds>' when none is free.
 _BEGIN = """
 local gen = tonumber(redis.call('HGET', KEYS[2], 'gen') or '0')
 local r = redis.call('HMGET', KEYS[1], 'state', 'tid', 'retry')
@@ -71,13 +75,39 @@ if tonumber(ARGV[6]) < gen then
   redis.call('ZREM', KEYS[3], ARGV[7])
   return 'purged'
 end
+if r[1] and tonumber(ARGV[2]) < tonumber(r[3]) then return 'stale' end
+if ARGV[9] then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local m = redis.call('HMGET', KEYS[2], 'paused', 'tokens', 'ts', 'f0', 't0')
+  local rate = tonumber(ARGV[9])
+  if m[1] == '1' or rate <= 0 then return 'paused' end
+  local bucket = tonumber(ARGV[10])
+  local maxc = tonumber(ARGV[11])
+  if maxc > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+    if redis.call('ZCARD', KEYS[4]) >= maxc then return 'wait:0.05' end
+  end
+  local f = 1
+  if m[4] then f = math.min(1, tonumber(m[4]) + (now - tonumber(m[5])) / 60) end
+  local erate = rate * f
+  local tokens = bucket
+  local ts = now
+  if m[2] then tokens = tonumber(m[2]); ts = tonumber(m[3]) end
+  tokens = math.min(bucket, tokens + math.max(0, now - ts) * erate)
+  if tokens < 1 then
+    redis.call('HSET', KEYS[2], 'tokens', tostring(tokens), 'ts', tostring(now))
+    return 'wait:' .. tostring((1 - tokens) / erate)
+  end
+  redis.call('HSET', KEYS[2], 'tokens', tostring(tokens - 1), 'ts', tostring(now))
+  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[13]), ARGV[12])
+end
 if not r[1] then
   redis.call('HSET', KEYS[1], 'state', 'running', 'tid', ARGV[1], 'retry', ARGV[2],
              'exec', ARGV[3], 'eta', ARGV[4], 'created', ARGV[5])
   redis.call('ZADD', KEYS[3], ARGV[4], ARGV[7])
   return 'go'
 end
-if tonumber(ARGV[2]) < tonumber(r[3]) then return 'stale' end
 redis.call('HSET', KEYS[1], 'state', 'running', 'retry', ARGV[2], 'exec', ARGV[3])
 redis.call('PERSIST', KEYS[1])
 return 'go'
@@ -335,14 +365,20 @@ class RedisStore:
         keys = [self._key(task.app, task.queue, task.name), self._qkey("z", task.app, task.queue)]
         await self._script(RELEASE, keys, [task.tid, task.name])
 
-    async def begin(self, task: Task) -> str:
+    async def begin(self, task: Task, gate: Gate | None = None) -> str:
+        """GO, or why not: STALE, 'purged', a terminal state; with ``gate`` (the queue's rate
+        limits and this dispatch's lease) also 'paused' or 'wait:<seconds>'."""
         keys = [
             self._key(task.app, task.queue, task.name),
             self._qkey("m", task.app, task.queue),
             self._qkey("z", task.app, task.queue),
         ]
-        args = [task.tid, task.retry_count, task.execution_count, repr(task.eta),
-                repr(task.created), task.gen, task.name, self._tombstone]
+        args: list[Any] = [task.tid, task.retry_count, task.execution_count, repr(task.eta),
+                           repr(task.created), task.gen, task.name, self._tombstone]
+        if gate is not None:
+            keys.append(self._qkey("l", task.app, task.queue))
+            args += [repr(float(gate.rate)), gate.bucket_size, gate.max_concurrent or 0,
+                     gate.lease, repr(float(gate.lease_seconds))]
         return await self._script(BEGIN, keys, args)
 
     async def _record(

@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from appscale_tq.errors import TaskQueueError, Unavailable
-from appscale_tq.interfaces import GO, STALE, IBroker, IStore
+from appscale_tq.interfaces import GO, STALE, Gate, IBroker, IStore
 from appscale_tq.store import PENDING_TTL, record_view
 from appscale_tq.tasks import Task, task_to_headers
 
@@ -128,7 +128,7 @@ class MemoryStore:
         if record.fields.get("tid") == task.tid and record.fields.get("state") == "queued":
             del self._records[key]
 
-    async def begin(self, task: Task) -> str:
+    async def begin(self, task: Task, gate: Gate | None = None) -> str:
         self._check("begin")
         key = self._key(task)
         record = self._live(key)
@@ -141,6 +141,16 @@ class MemoryStore:
             record = self._hset(key, state="deleted", tid=task.tid, reason="purged")
             self._expire(record, self._tombstone)
             return "purged"
+        if record is not None and state is not None and task.retry_count < int(
+                record.fields.get("retry", "0")):
+            return STALE
+        if gate is not None:
+            wait = await self.acquire(task.app, task.queue, gate.rate, gate.bucket_size,
+                                      gate.max_concurrent, gate.lease, gate.lease_seconds)
+            if wait is None:
+                return "paused"
+            if wait > 0:
+                return f"wait:{wait}"
         if record is None or state is None:
             self._hset(
                 key,

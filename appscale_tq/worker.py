@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from appscale_tq.backoff import RetryOptions, may_retry, retry_delay
 from appscale_tq.errors import Unavailable
-from appscale_tq.interfaces import GO
+from appscale_tq.interfaces import GO, Gate
 from appscale_tq.tasks import MessageError, Task, task_from_headers
 
 log = Logger()
@@ -143,6 +143,7 @@ class Worker:
             await self._sleep(wait)
         lease = ""
         if self._registry is not None:
+            # the state check and the queue's token and slot, in one step
             gate = await self._gate(task)
             if gate is None:  # paused, rate 0 or queue gone: back to the broker's queue
                 await self._sleep(PAUSED_RECHECK)
@@ -152,15 +153,15 @@ class Worker:
                 if await self._publish(task, gate, delivery):
                     delivery.ack()
                 return
+            if isinstance(gate, _Skip):
+                self._skip(task, gate.verdict, delivery)
+                return
             lease = gate
-        verdict = await self._durably("begin", lambda: self._store.begin(task))
-        if verdict != GO:
-            log.debug("skipping {name}: {verdict}", name=task.name, verdict=verdict)
-            self.stats.skipped += 1
-            if lease:
-                await self._release(task, lease)
-            delivery.ack()
-            return
+        else:
+            verdict = await self._durably("begin", lambda: self._store.begin(task))
+            if verdict != GO:
+                self._skip(task, verdict, delivery)
+                return
         started = self._clock.seconds()
         first = task.first_attempt if task.first_attempt is not None else started
         outcome = await self._dispatch(task, lease)
@@ -218,16 +219,21 @@ class Worker:
         self.stats.retried += 1
         delivery.ack()
 
-    async def _gate(self, task: Task) -> str | float | None:
-        """Wait for the queue's token and concurrency slot (cluster-wide, in the store).
+    def _skip(self, task: Task, verdict: str, delivery: Any) -> None:
+        log.debug("skipping {name}: {verdict}", name=task.name, verdict=verdict)
+        self.stats.skipped += 1
+        delivery.ack()
 
-        Returns the lease id to dispatch under; a float, the seconds to wait in the broker
-        when a token is further off than a short wait or the delivery was held MAX_GATE_HOLD
-        seconds already (lock included); or None when the queue does not dispatch now; "" (no
-        lease, no token) for a task from before a purge, which begin() then drops. One waiter
-        per queue per node asks the store at a time, so waiting deliveries cost no traffic.
+    async def _gate(self, task: Task) -> str | float | _Skip | None:
+        """Begin the task under the queue's token and concurrency slot (cluster-wide, one
+        atomic store call that also checks the task's state).
+
+        Returns the lease id to dispatch under (the task is begun); a float, the seconds to
+        wait in the broker when a token is further off than a short wait or the delivery was
+        held MAX_GATE_HOLD seconds already (lock included); a _Skip when the task is moot
+        (stale, purged, ended); or None when the queue does not dispatch now. One waiter per
+        queue per node asks the store at a time, so waiting deliveries cost little traffic.
         """
-        # ends in the task's purge generation: the store spends no token on a purged task
         lease = f"{task.tid}:{task.retry_count}:{task.gen}"
         started = self._clock.seconds()
         # First ask at once: while the bucket has tokens every delivery takes one without
@@ -255,24 +261,20 @@ class Worker:
         finally:
             lock.release()
 
-    async def _ask_gate(self, task: Task, lease: str) -> str | _Wait | None:
+    async def _ask_gate(self, task: Task, lease: str) -> str | _Wait | _Skip | None:
         q = self._registry.queue(task.app, task.queue)
         if q is None or q.mode != "push" or not q.rate:
             return None
-        wait = await self._durably(
-            "acquire",
-            lambda: self._store.acquire(
-                task.app, task.queue, q.rate, q.bucket_size, q.max_concurrent_requests,
-                lease, self._lease_seconds,
-            ),
-        )
-        if wait is None:
-            return None
-        if wait == "purged":
-            return ""
-        if wait <= 0:
+        gate = Gate(q.rate, q.bucket_size, q.max_concurrent_requests, lease,
+                    self._lease_seconds)
+        verdict = await self._durably("begin", lambda: self._store.begin(task, gate))
+        if verdict == GO:
             return lease
-        return _Wait(float(wait))
+        if verdict == "paused":
+            return None
+        if verdict.startswith("wait:"):
+            return _Wait(float(verdict[5:]))
+        return _Skip(verdict)
 
     async def _dispatch(self, task: Task, lease: str) -> Any:
         if not lease:
@@ -312,6 +314,11 @@ class Worker:
 @attrs.frozen
 class _Wait:
     seconds: float
+
+
+@attrs.frozen
+class _Skip:
+    verdict: str  # why begin() said no: stale, purged, completed, error, deleted
 
 
 @attrs.define
