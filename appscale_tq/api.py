@@ -118,6 +118,45 @@ class TaskQueue:
                      name=task.name, error=str(e))
         return task
 
+    async def add_many(self, tasks: list[Task]) -> list[Task | TaskQueueError | Unavailable]:
+        """add() for each task, in order, with two store round trips for the whole batch (one
+        to reserve every name, one to keep the records of those the broker confirmed)."""
+        if not tasks:
+            return []
+        for app, queue in {(t.app, t.queue) for t in tasks}:
+            await self._ensure_work_queue(app, queue)
+        try:
+            reserved = await self._store.reserve_many(tasks)
+        except Unavailable as e:
+            return [e] * len(tasks)
+        results: list[Task | TaskQueueError | Unavailable] = list(reserved)  # type: ignore
+        now = self._clock.seconds()
+
+        async def publish(i: int, task: Task) -> None:
+            try:
+                await self._broker.publish(task, task.eta - now)
+                results[i] = task
+            except Unavailable as e:
+                results[i] = e
+
+        todo = [(i, attrs.evolve(t, gen=r)) for i, (t, r) in enumerate(zip(tasks, reserved))
+                if not isinstance(r, TaskQueueError)]
+        await gatherResults([Deferred.fromCoroutine(publish(i, t)) for i, t in todo])
+        kept = [t for i, t in todo if isinstance(results[i], Task)]
+        for i, task in todo:
+            if isinstance(results[i], Unavailable):
+                try:
+                    await self._store.release(task)
+                except Unavailable:
+                    pass  # the reservation expires by itself
+        if kept:
+            try:
+                await self._store.confirm_many(kept)
+            except Unavailable as e:
+                log.warn("enqueued {n} tasks but could not keep their records: {error}",
+                         n=len(kept), error=str(e))
+        return results
+
     async def add_json(self, app: str, queue: str, body: object) -> Task:
         self.check_push_queue(app, queue)
         return await self.add(self.parse(app, queue, body))
@@ -146,16 +185,14 @@ class TaskQueue:
             seen.add(task.name)
             pending.append((i, task))
 
-        async def one(i: int, task: Task) -> None:
-            try:
-                await self.add(task)
+        added = await self.add_many([t for _, t in pending])
+        for (i, task), result in zip(pending, added):
+            if isinstance(result, Task):
                 results[i] = task_summary(task)
-            except TaskQueueError as e:
-                results[i] = e.as_json()
-            except Unavailable as e:
-                results[i] = e.as_task_queue_error().as_json()
-
-        await gatherResults([Deferred.fromCoroutine(one(i, t)) for i, t in pending])
+            elif isinstance(result, Unavailable):
+                results[i] = result.as_task_queue_error().as_json()
+            else:
+                results[i] = result.as_json()
         return results
 
     # --- state ---------------------------------------------------------------------------------

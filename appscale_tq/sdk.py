@@ -20,7 +20,6 @@ from typing import Any
 
 import attrs
 from google.protobuf.message import DecodeError
-from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
 from appscale_tq import sdkproto as pb
@@ -265,17 +264,14 @@ class SDKService:
         if failed:  # App Engine adds none of a batch that has an invalid task
             return self._bulk_response(results)
 
-        async def one(i: int, task: Task, named: bool) -> None:
-            try:
-                await self._tq.add(task)
-                results[i] = ("OK", "" if named else task.name)
-            except TaskQueueError as e:  # each task on its own: added or refused
-                results[i] = (e.code, "")
-            except Unavailable:
+        added = await self._tq.add_many([t for _, t, _ in tasks])
+        for (i, task, named), result in zip(tasks, added):  # each task on its own
+            if isinstance(result, TaskQueueError):
+                results[i] = (result.code, "")
+            elif isinstance(result, Unavailable):
                 results[i] = ("TRANSIENT_ERROR", "")
-
-        await gatherResults([Deferred.fromCoroutine(one(i, t, n)) for i, t, n in tasks],
-                            consumeErrors=True)
+            else:
+                results[i] = ("OK", "" if named else task.name)
         return self._bulk_response(results)
 
     @staticmethod

@@ -42,6 +42,36 @@ redis.call('ZADD', KEYS[3], ARGV[2], ARGV[5])
 return 'ok:' .. (redis.call('HGET', KEYS[2], 'gen') or '0')
 """
 
+# One call for a whole batch: KEYS are (task, queue state, queue zset) per task, ARGV are
+# (tid, eta, created, pending ttl, name) per task; one answer per task, as _RESERVE's.
+_RESERVE_MANY = """
+local out = {}
+for i = 0, #KEYS / 3 - 1 do
+  local k, a = i * 3, i * 5
+  local s = redis.call('HGET', KEYS[k + 1], 'state')
+  if s then
+    out[i + 1] = s
+  else
+    redis.call('HSET', KEYS[k + 1], 'state', 'queued', 'tid', ARGV[a + 1], 'eta', ARGV[a + 2],
+               'created', ARGV[a + 3], 'retry', 0, 'exec', 0)
+    redis.call('EXPIRE', KEYS[k + 1], ARGV[a + 4])
+    redis.call('ZADD', KEYS[k + 3], ARGV[a + 2], ARGV[a + 5])
+    out[i + 1] = 'ok:' .. (redis.call('HGET', KEYS[k + 2], 'gen') or '0')
+  end
+end
+return out
+"""
+
+_CONFIRM_MANY = """
+for i = 1, #KEYS do
+  local r = redis.call('HMGET', KEYS[i], 'state', 'tid')
+  if r[2] == ARGV[i] and (r[1] == 'queued' or r[1] == 'running') then
+    redis.call('PERSIST', KEYS[i])
+  end
+end
+return 'ok'
+"""
+
 _CONFIRM = """
 local r = redis.call('HMGET', KEYS[1], 'state', 'tid')
 if r[2] == ARGV[1] and (r[1] == 'queued' or r[1] == 'running') then
@@ -277,6 +307,17 @@ class _Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
+def _reserved(task: Task, state: str) -> int | TaskQueueError:
+    """A reservation script's answer: the queue's purge generation, or why the name is taken."""
+    if state.startswith("ok:"):
+        return int(state[3:])
+    if state in ("queued", "running"):
+        return TaskQueueError("TASK_ALREADY_EXISTS", f"name: task {task.name!r} is already {state}")
+    return TaskQueueError(
+        "TOMBSTONED_TASK", f"name: task {task.name!r} was {state} and its name is tombstoned"
+    )
+
+
 def task_key(namespace: str, app: str, queue: str, name: str) -> str:
     # queue and task names hold no ':', so the key is unambiguous however the app id reads
     return f"{namespace}:t:{app}:{queue}:{name}"
@@ -343,20 +384,29 @@ class RedisStore:
     async def _script(self, script: _Script, keys: list[str], args: list[Any]) -> str:
         return _text(await self._eval(script, keys, args))
 
+    async def reserve_many(self, tasks: list[Task]) -> list[int | TaskQueueError]:
+        """reserve() for each task in one round trip: a generation or the refusal, in order."""
+        keys: list[str] = []
+        args: list[Any] = []
+        for task in tasks:
+            keys += [self._key(task.app, task.queue, task.name),
+                     self._qkey("m", task.app, task.queue), self._qkey("z", task.app, task.queue)]
+            args += [task.tid, repr(task.eta), repr(task.created), PENDING_TTL, task.name]
+        answers = await self._eval(RESERVE_MANY, keys, args)
+        return [_reserved(task, _text(answer)) for task, answer in zip(tasks, answers)]
+
+    async def confirm_many(self, tasks: list[Task]) -> None:
+        keys = [self._key(t.app, t.queue, t.name) for t in tasks]
+        await self._script(CONFIRM_MANY, keys, [t.tid for t in tasks])
+
     async def reserve(self, task: Task) -> int:
         key = self._key(task.app, task.queue, task.name)
         keys = [key, self._qkey("m", task.app, task.queue), self._qkey("z", task.app, task.queue)]
         args = [task.tid, repr(task.eta), repr(task.created), PENDING_TTL, task.name]
-        state = await self._script(RESERVE, keys, args)
-        if state.startswith("ok:"):
-            return int(state[3:])
-        if state in ("queued", "running"):
-            raise TaskQueueError(
-                "TASK_ALREADY_EXISTS", f"name: task {task.name!r} is already {state}"
-            )
-        raise TaskQueueError(
-            "TOMBSTONED_TASK", f"name: task {task.name!r} was {state} and its name is tombstoned"
-        )
+        answer = _reserved(task, await self._script(RESERVE, keys, args))
+        if isinstance(answer, TaskQueueError):
+            raise answer
+        return answer
 
     async def confirm(self, task: Task) -> None:
         await self._script(CONFIRM, [self._key(task.app, task.queue, task.name)], [task.tid])
@@ -517,6 +567,8 @@ PAUSE = _Script(_PAUSE)
 STATS = _Script(_STATS)
 DEPLOY = _Script(_DEPLOY)
 RESERVE = _Script(_RESERVE)
+RESERVE_MANY = _Script(_RESERVE_MANY)
+CONFIRM_MANY = _Script(_CONFIRM_MANY)
 CONFIRM = _Script(_CONFIRM)
 RELEASE = _Script(_RELEASE)
 BEGIN = _Script(_BEGIN)

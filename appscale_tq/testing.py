@@ -110,6 +110,21 @@ class MemoryStore:
             "TOMBSTONED_TASK", f"name: task {task.name!r} was {state} and its name is tombstoned"
         )
 
+    async def reserve_many(self, tasks: list[Task]) -> list[int | TaskQueueError]:
+        self._check("reserve_many")
+        out: list[int | TaskQueueError] = []
+        for task in tasks:
+            try:
+                out.append(await self.reserve(task))
+            except TaskQueueError as e:
+                out.append(e)
+        return out
+
+    async def confirm_many(self, tasks: list[Task]) -> None:
+        self._check("confirm_many")
+        for task in tasks:
+            await self.confirm(task)
+
     async def confirm(self, task: Task) -> None:
         self._check("confirm")
         record = self._live(self._key(task))
