@@ -64,6 +64,15 @@ def check_ticket(secret: str, ticket: str | bytes) -> str | None:
     return app if hmac.compare_digest(mint_ticket(secret, app), ticket) else None
 
 
+def rate_text(per_second: float) -> str:
+    """A rate in queue.yaml's grammar (no exponents): per second, or per day when slow."""
+    if not per_second > 0:  # negative or NaN: keep it visible, so validation names it
+        return "0" if per_second == 0 else f"{per_second}/s"
+    unit, value = ("s", per_second) if per_second >= 1 else ("d", per_second * 86400)
+    text = f"{value:.9f}".rstrip("0").rstrip(".")
+    return f"{text}/{unit}" if text not in ("", "0") else "0"
+
+
 class RpcFailure(Exception):
     """A failure of the call itself (not of the TaskQueue operation): remote_api RpcError."""
 
@@ -380,7 +389,7 @@ class SDKService:
             "name": queue,
             "rate": request.user_specified_rate
             if request.HasField("user_specified_rate")
-            else f"{request.bucket_refill_per_second:g}/s",
+            else rate_text(request.bucket_refill_per_second),
             "bucket_size": request.bucket_capacity,
         }
         if request.HasField("max_concurrent_requests"):

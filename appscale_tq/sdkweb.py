@@ -41,9 +41,13 @@ class SDKResource(Resource):
         Deferred.fromCoroutine(self._respond(request))
         return NOT_DONE_YET
 
-    def render_GET(self, request: Request) -> bytes:  # noqa: N802
-        request.setResponseCode(405)
-        return b"POST a remote_api Request\n"
+    def render(self, request: Request) -> Any:
+        if request.method != b"POST":
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"POST")
+            request.setHeader(b"content-type", b"text/plain")
+            return b"POST a remote_api Request\n"
+        return self.render_POST(request)
 
     def _caller(self, request: Request, envelope: Any) -> str | None:
         """The app making the call, or None when it cannot be told (PERMISSION_DENIED).

@@ -43,6 +43,10 @@ REQUEST_KEYS = frozenset(
 # Headers a caller may not set: the dispatcher owns them.
 RESERVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 RESERVED_PREFIX = "x-appengine-"
+# date, 'T' (or a space), time with optional fraction, optional offset (none = UTC)
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([+-]\d{2}:\d{2})?", re.ASCII
+)
 _URL = re.compile(r"/[!-~]*", re.ASCII)
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", re.ASCII)
 # RFC 9110 field values: no control characters but HTAB; no lone surrogates (they cannot be
@@ -107,6 +111,8 @@ def parse_eta(value: object, field: str = "eta") -> float:
         if text.endswith(("Z", "z")):
             text = text[:-1] + "+00:00"
         try:
+            if not _RFC3339.fullmatch(text):
+                raise ValueError(text)
             moment = datetime.datetime.fromisoformat(text)
         except ValueError:
             raise TaskQueueError(
@@ -174,7 +180,11 @@ def _payload(body: Mapping[str, Any]) -> bytes:
     if body.get("payload") is not None:
         if not isinstance(body["payload"], str):
             raise invalid("payload", "must be a string (use payload_base64 for bytes)")
-        return body["payload"].encode("utf-8", "surrogatepass")
+        try:
+            return body["payload"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise invalid("payload", "is not valid Unicode text (lone surrogate); "
+                          "use payload_base64 for bytes") from None
     if body.get("payload_base64") is not None:
         raw = body["payload_base64"]
         if not isinstance(raw, str):

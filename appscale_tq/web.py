@@ -18,14 +18,19 @@ from appscale_tq.errors import TaskQueueError, Unavailable
 
 log = Logger()
 
-MAX_BODY = 32 * 1024 * 1024
+# A full batch (100 tasks of 100 KiB, base64) is under 14 MiB.
+MAX_BODY = 16 * 1024 * 1024
+# App Engine's queue.yaml is a few KiB; 1,000 queues fit in well under this.
+MAX_QUEUE_YAML = 1024 * 1024
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str,
+                 headers: dict[bytes, bytes] | None = None) -> None:
         super().__init__(code, message)
         self.status = status
         self.body = {"error": {"code": code, "message": message}}
+        self.headers = headers or {}
 
 
 def _reject_constant(name: str) -> None:
@@ -43,6 +48,17 @@ def parse_json(raw: bytes) -> Any:
         return json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
         raise HTTPError(400, "INVALID_REQUEST", f"body: not valid JSON ({e})") from None
+
+
+def read_body(request: Request, limit: int, code: str) -> bytes:
+    """The request body, refused (413) past ``limit`` without reading more than that."""
+    length = request.getHeader(b"content-length")
+    if length is not None and length.strip().isdigit() and int(length) > limit:
+        raise HTTPError(413, code, f"body: larger than {limit} bytes")
+    raw = request.content.read(limit + 1) if request.content else b""
+    if len(raw) > limit:
+        raise HTTPError(413, code, f"body: larger than {limit} bytes")
+    return raw
 
 
 def _segments(request: Request) -> list[str]:
@@ -83,6 +99,8 @@ class API(Resource):
             status, body = await self._route(request)
         except HTTPError as e:
             status, body = e.status, e.body
+            for key, value in e.headers.items():
+                request.setHeader(key, value)
         except TaskQueueError as e:
             status, body = e.http_status, e.as_json()
             errors = getattr(e, "errors", None)
@@ -114,20 +132,20 @@ class API(Resource):
             raise HTTPError(403, "PERMISSION_DENIED", "authorization: missing or wrong secret")
 
     def _body(self, request: Request) -> Any:
-        return parse_json(request.content.read() if request.content else b"")
+        return parse_json(read_body(request, MAX_BODY, "TASK_TOO_LARGE"))
 
     async def _route(self, request: Request) -> tuple[int, Any]:
         path = _segments(request)
         method = request.method.decode("ascii", "replace")
         if path == ["healthz"]:
-            self._allow(method, "GET")
+            self._allow(method, "GET", "HEAD")
             checks = await self._health()
             ok = all(v == "ok" for v in checks.values())
             return (200 if ok else 503), checks
         if path[:2] == ["v1", "apps"] and len(path) == 4 and path[3] == "queue.yaml":
             self._authorize(request)
             self._allow(method, "PUT", "POST")
-            raw = request.content.read() if request.content else b""
+            raw = read_body(request, MAX_QUEUE_YAML, "INVALID_REQUEST")
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -173,7 +191,8 @@ class API(Resource):
     @staticmethod
     def _allow(method: str, *allowed: str) -> None:
         if method not in allowed:
-            raise HTTPError(405, "INVALID_REQUEST", f"method: use {' or '.join(allowed)}")
+            raise HTTPError(405, "INVALID_REQUEST", f"method: use {' or '.join(allowed)}",
+                            {b"allow": ", ".join(allowed).encode("ascii")})
 
 
 def build_root(queue: TaskQueue, health: Callable[[], Awaitable[dict[str, str]]],

@@ -639,3 +639,13 @@ class FuzzTests(SynchronousTestCase):
             self.assertNotIn(E.OK, codes)
         for add, (code, chosen) in zip(adds, results):
             self.assertEqual(chosen is not None, code == E.OK and not add.task_name)
+
+
+def test_update_queue_rates_are_written_in_queue_yaml_grammar():
+    from appscale_tq.queues import rate_per_second
+    from appscale_tq.sdk import rate_text
+
+    for per_second in (500.0, 5.0, 1.0, 0.5, 1 / 3600, 1 / 86400, 0.0):
+        text = rate_text(per_second)
+        assert "e" not in text, text
+        assert abs(rate_per_second(text) - per_second) <= per_second * 1e-6, (per_second, text)

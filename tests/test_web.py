@@ -197,9 +197,10 @@ class ValidationTests(WebTestCase):
                 status, body, _ = self.node.call("POST", TASKS, raw=raw)
                 self.assertError((status, body), 400, code)
 
-    def test_lone_surrogate_payload_is_accepted_as_bytes(self) -> None:
-        status, _, _ = self.node.call("POST", TASKS, raw=b'{"payload": "\\ud800"}')
-        self.assertEqual(status, 201)
+    def test_lone_surrogate_payload_is_refused_naming_the_field(self) -> None:
+        status, body, _ = self.node.call("POST", TASKS, raw=b'{"payload": "\\ud800"}')
+        self.assertError((status, body), 400, "INVALID_REQUEST")
+        self.assertIn("payload", body["error"]["message"])
 
     def test_unknown_app_or_queue(self) -> None:
         for url in (
@@ -490,3 +491,36 @@ class OperationsTests(WebTestCase):
 
     def test_trailing_slash_is_the_same_endpoint(self) -> None:
         self.assertEqual(self.node.call("POST", TASKS + "/", {})[0], 201)
+
+
+class LimitsAndMethodsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.node = Node(self)
+
+    def test_a_body_over_the_limit_is_refused_before_it_is_read(self) -> None:
+        from appscale_tq.web import MAX_BODY
+
+        status, body, _ = self.node.call(
+            "POST", TASKS, raw=b"{" + b" " * MAX_BODY + b"}")
+        self.assertEqual(status, 413)
+        self.assertEqual(body["error"]["code"], "TASK_TOO_LARGE")
+
+    def test_a_queue_yaml_over_the_limit_is_refused(self) -> None:
+        from appscale_tq.web import MAX_QUEUE_YAML
+
+        status, body, _ = self.node.call(
+            "PUT", BASE + "/v1/apps/myapp/queue.yaml", raw=b"#" * (MAX_QUEUE_YAML + 1))
+        self.assertEqual(status, 413)
+        self.assertIn("body", body["error"]["message"])
+
+    def test_a_wrong_method_names_the_allowed_ones(self) -> None:
+        status, body, response = self.node.call("DELETE", TASKS)
+        self.assertEqual(status, 405)
+        self.assertEqual(response.headers.getRawHeaders(b"allow"), [b"POST"])
+        self.assertEqual(body["error"]["code"], "INVALID_REQUEST")
+
+    def test_eta_must_be_rfc3339_not_any_iso_form(self) -> None:
+        for eta in ("2026-12-03", "2026-W49-4", "20261203T190000Z"):
+            with self.subTest(eta=eta):
+                status, body = self.node.add({"eta": eta})
+                self.assertEqual((status, body["error"]["code"]), (400, "INVALID_ETA"))
