@@ -20,7 +20,7 @@ log = Logger()
 # A reservation that the broker never confirmed frees itself after this long.
 PENDING_TTL = 300
 
-# ACQUIRE's answer for a task that a purge made moot.
+# begin()'s answer for a task that a purge made moot.
 PURGED = "purged"
 
 # Keys (the second part tells the kind; queue and task names hold no ':'):
@@ -181,38 +181,6 @@ redis.call('HSET', KEYS[1], 'state', 'deleted')
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[2])
 return 'ok'
-"""
-
-# The cluster-wide gate before a dispatch: the queue's token bucket and its concurrency cap.
-# KEYS: queue state, leases. ARGV: rate (tokens/s), bucket size, max concurrent (0 = none),
-# lease id, lease seconds, the task's purge generation. Returns '0' (go; token taken, lease
-# held), seconds to wait, 'paused', or 'purged' (the task is from before the queue's last
-# purge: no token is spent on it). Time is Redis's own, so every node sees one clock.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local m = redis.call('HMGET', KEYS[1], 'paused', 'tokens', 'ts', 'f0', 't0', 'gen')
-if tonumber(ARGV[6]) < tonumber(m[6] or '0') then return 'purged' end
-local rate = tonumber(ARGV[1])
-if m[1] == '1' or rate <= 0 then return 'paused' end
-local bucket = tonumber(ARGV[2])
-local maxc = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if maxc > 0 and redis.call('ZCARD', KEYS[2]) >= maxc then return '0.05' end
-local f = 1
-if m[4] then f = math.min(1, tonumber(m[4]) + (now - tonumber(m[5])) / 60) end
-local erate = rate * f
-local tokens = bucket
-local ts = now
-if m[2] then tokens = tonumber(m[2]); ts = tonumber(m[3]) end
-tokens = math.min(bucket, tokens + math.max(0, now - ts) * erate)
-if tokens < 1 then
-  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
-  return tostring((1 - tokens) / erate)
-end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - 1), 'ts', tostring(now))
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[4])
-return '0'
 """
 
 _RENEW = """
@@ -484,27 +452,6 @@ class RedisStore:
         await self._call("ping", self._redis.ping())
 
     # --- queues --------------------------------------------------------------------------------
-    async def acquire(
-        self, app: str, queue: str, rate: float, bucket: int, max_concurrent: int | None,
-        lease: str, lease_seconds: float,
-    ) -> float | str | None:
-        """Take a token (and a concurrency slot): 0.0 = go, > 0 = wait that long, None = paused,
-        PURGED = the task is from before the queue's last purge (nothing taken).
-
-        A lease id may end in ``:<purge generation>`` of its task (the worker's do); without
-        one the task counts as current.
-        """
-        keys = [self._qkey("m", app, queue), self._qkey("l", app, queue)]
-        gen = lease.rsplit(":", 1)[-1] if ":" in lease else "0"
-        args = [repr(float(rate)), bucket, max_concurrent or 0, lease, repr(float(lease_seconds)),
-                gen if gen.isascii() and gen.isdigit() else "0"]
-        result = await self._script(ACQUIRE, keys, args)
-        if result == "paused":
-            return None
-        if result == PURGED:
-            return PURGED
-        return float(result)
-
     async def renew(self, app: str, queue: str, lease: str, lease_seconds: float) -> None:
         await self._script(RENEW, [self._qkey("l", app, queue)], [lease, repr(lease_seconds)])
 
@@ -559,7 +506,6 @@ class RedisStore:
         return out
 
 
-ACQUIRE = _Script(_ACQUIRE)
 RENEW = _Script(_RENEW)
 SLOW_DOWN = _Script(_SLOW_DOWN)
 PURGE = _Script(_PURGE)

@@ -160,7 +160,7 @@ class MemoryStore:
                 record.fields.get("retry", "0")):
             return STALE
         if gate is not None:
-            wait = await self.acquire(task.app, task.queue, gate.rate, gate.bucket_size,
+            wait = await self._acquire(task.app, task.queue, gate.rate, gate.bucket_size,
                                       gate.max_concurrent, gate.lease, gate.lease_seconds)
             if wait is None:
                 return "paused"
@@ -260,11 +260,11 @@ class MemoryStore:
         self._check("ping")
 
     # --- queues (no token arithmetic: a paused or rate-0 queue waits, any other goes) ----------
-    async def acquire(
+    async def _acquire(
         self, app: str, queue: str, rate: float, bucket: int, max_concurrent: int | None,
         lease: str, lease_seconds: float,
     ) -> float | None:
-        self._check("acquire")
+        self._check("begin")
         if queue in self.paused.get(app, set()) or rate <= 0:
             return None
         held = self.leases.setdefault((app, queue), set())
