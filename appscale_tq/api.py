@@ -83,7 +83,8 @@ class TaskQueue:
         if self._registry is None or (app, queue) in self._declared:
             return
         if (app, queue) in self._broker.consuming():
-            return  # consuming declares it (on every connect)
+            self._declared.add((app, queue))  # consuming declared it (durable from then on)
+            return
         await self._declare_work_queue(app, queue)
 
     async def _declare_work_queue(self, app: str, queue: str) -> None:
