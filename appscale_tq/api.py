@@ -100,24 +100,11 @@ class TaskQueue:
         self._declared.add((app, queue))
 
     async def add(self, task: Task) -> Task:
-        await self._ensure_work_queue(task.app, task.queue)
-        gen = await self._store.reserve(task)
-        task = attrs.evolve(task, gen=gen or 0)
-        try:
-            await self._broker.publish(task, task.eta - self._clock.seconds())
-        except Unavailable:
-            try:
-                await self._store.release(task)
-            except Unavailable:
-                pass  # the reservation expires by itself
-            raise
-        try:
-            await self._store.confirm(task)
-        except Unavailable as e:
-            # the task is safe in the broker; its record just expires sooner than it should
-            log.warn("enqueued {name} but could not keep its record: {error}",
-                     name=task.name, error=str(e))
-        return task
+        """Reserve the name, publish (confirmed by the broker), keep the record; or raise."""
+        [result] = await self.add_many([task])
+        if isinstance(result, (TaskQueueError, Unavailable)):
+            raise result
+        return result
 
     async def add_many(self, tasks: list[Task]) -> list[Task | TaskQueueError | Unavailable]:
         """add() for each task, in order, with two store round trips for the whole batch (one
